@@ -1,0 +1,3 @@
+from vaepar.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""The worker group: process-group set-up and the few collectives vaepar uses.
+
+One worker runs without torch.distributed at all; N workers join the group that torch's elastic
+launcher set up (gloo on CPU, nccl on CUDA). Every call here is collective or matched point to
+point: all ranks make it, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def backend_for(device_type: str) -> str:
+    """The collective backend for a device type: cuda -> nccl, cpu -> gloo."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+@dataclass(kw_only=True, slots=True)
+class Comm:
+    """This worker's place in the group, and a key-value store shared by all workers."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    store: Any = None
+
+    @staticmethod
+    def join(device_type: str) -> Comm:
+        """Join the group described by the launcher's environment (or run alone without one)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+        if world == 1:
+            return Comm(device=device)
+        rank = int(os.environ["RANK"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend_for(device_type), store=dist.PrefixStore("pg", store),
+                                rank=rank, world_size=world, timeout=timedelta(minutes=30),
+                                device_id=device if device_type == "cuda" else None)
+        return Comm(rank=rank, world=world, local_rank=local_rank, device=device,
+                    store=dist.PrefixStore("vaepar", store))
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
+        """Point-to-point transfers posted together; both sides must list matching pairs in order."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+    def broadcast(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0's tensor on every rank (on this rank's device)."""
+        if self.world == 1:
+            assert tensor is not None
+            return tensor.to(self.device)
+        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
+        dist.broadcast_object_list(meta, src=0, device=self._object_device())
+        shape, dtype = meta[0]
+        buf = tensor.to(self.device).contiguous() if tensor is not None else torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(buf, src=0)
+        return buf
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (meaningful on rank 0)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        return box[0]
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
+
+    def add(self, key: str, amount: int) -> int:
+        """Atomically add to a counter shared by all ranks; returns the new value."""
+        return int(self.store.add(key, amount)) if self.store is not None else amount

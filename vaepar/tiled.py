@@ -1,0 +1,142 @@
+"""The ``tiled`` strategy: diffusers' tile grid spread over ranks, merged bit-identically.
+
+Each rank runs its own tiles (a contiguous run in scan order, :func:`vaepar.plan.assign`). When
+strips suffice (:meth:`vaepar.plan.Grid.strips_suffice`), ranks swap only the raw trailing
+strips their neighbours' merge reads, merge their own tiles exactly (:func:`blend.finish_tile`)
+and send rank 0 the disjoint cores: the result crosses the network once. Otherwise rank 0 receives
+the raw tiles and merges serially. Either way the result equals diffusers' serial merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vaepar import blend, plan
+from vaepar.comm import Comm
+
+RunTile = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm) -> torch.Tensor | None:
+    """Run every tile of ``x`` (``(..., H, W)``) on its owner; the merged result on rank 0."""
+    owners = plan.assign(grid.weights(), comm.world)
+    raw = {t: run_tile(tile_input(x, grid, t)) for t in range(grid.count) if owners[t] == comm.rank}
+    if all(r == 0 for r in owners):
+        return blend.merge([raw[t] for t in range(grid.count)], grid) if comm.rank == 0 else None
+    lead = _lead_shape(raw, comm)
+    if grid.strips_suffice():
+        return _merge_from_strips(raw, grid, owners, comm, lead)
+    return _merge_on_root(raw, grid, owners, comm, lead)
+
+
+def tile_input(x: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
+    """The input slice of tile ``t``."""
+    i, j = grid.position(t)
+    r, c = grid.rows, grid.cols
+    return x[..., r.starts[i] : r.starts[i] + r.sizes[i], c.starts[j] : c.starts[j] + c.sizes[j]]
+
+
+def _lead_shape(raw: dict[int, torch.Tensor], comm: Comm) -> tuple[int, ...]:
+    """Leading (non-spatial) output dims, from rank 0's first tile (rank 0 always owns tile 0)."""
+    mine = tuple(raw[0].shape[:-2]) if comm.rank == 0 else None
+    return comm.broadcast_object(mine)
+
+
+def _strip_needs(grid: plan.Grid, u: int) -> list[tuple[str, int, slice, slice]]:
+    """What merging tile ``u`` reads from its neighbours: (kind, source tile, rows, cols)."""
+    i, j = grid.position(u)
+    ev = grid.rows.extent(i) if i > 0 else 0
+    eh = grid.cols.extent(j) if j > 0 else 0
+    full = slice(None)
+    needs = []
+    if i > 0:
+        needs.append(("up", grid.index(i - 1, j), slice(-ev, None) if ev else slice(0, 0), full))
+    if j > 0:
+        needs.append(("left", grid.index(i, j - 1), full, slice(-eh, None) if eh else slice(0, 0)))
+    if i > 0 and j > 0:
+        needs.append(("corner", grid.index(i - 1, j - 1), needs[0][2], needs[1][3]))
+    return needs
+
+
+def _strip_shape(grid: plan.Grid, src: int, rows: slice, cols: slice, lead: tuple[int, ...]) -> tuple[int, ...]:
+    i, j = grid.position(src)
+    h = len(range(grid.rows.out_sizes[i])[rows])
+    w = len(range(grid.cols.out_sizes[j])[cols])
+    return (*lead, h, w)
+
+
+def _merge_from_strips(
+    raw: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
+    lead: tuple[int, ...],
+) -> torch.Tensor | None:
+    like = next(iter(raw.values()), None)
+    dtype = like.dtype if like is not None else None
+    got: dict[tuple[int, str], torch.Tensor] = {}
+    sends, recvs = [], []
+    for u in range(grid.count):
+        for kind, src, rows, cols in _strip_needs(grid, u):
+            if owners[src] == comm.rank and owners[u] == comm.rank:
+                got[u, kind] = raw[src][..., rows, cols].clone()
+            elif owners[src] == comm.rank:
+                sends.append((owners[u], raw[src][..., rows, cols]))
+            elif owners[u] == comm.rank:
+                buf = torch.empty(_strip_shape(grid, src, rows, cols, lead), dtype=dtype, device=comm.device)
+                got[u, kind] = buf
+                recvs.append((owners[src], buf))
+    comm.exchange(sends, recvs)
+    cores = {}
+    for t in sorted(raw):
+        merged = blend.finish_tile(raw[t], got.get((t, "up")), got.get((t, "left")), got.get((t, "corner")))
+        cores[t] = blend.core(merged, grid, *grid.position(t))
+    return _gather_cores(cores, grid, owners, comm, lead)
+
+
+def _gather_cores(
+    cores: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
+    lead: tuple[int, ...],
+) -> torch.Tensor | None:
+    """Rank 0 receives every core and places it; other ranks send theirs."""
+    if comm.rank != 0:
+        comm.exchange([(0, c) for t, c in sorted(cores.items()) if c.numel()], [])
+        return None
+    out = torch.empty((*lead, grid.rows.length, grid.cols.length), dtype=cores[0].dtype, device=comm.device)
+    recvs, places = [], []
+    for t in range(grid.count):
+        i, j = grid.position(t)
+        (_, h), (_, w) = grid.rows.span(i), grid.cols.span(j)
+        target = out[..., grid.rows.offsets[i] : grid.rows.offsets[i] + h,
+                     grid.cols.offsets[j] : grid.cols.offsets[j] + w]
+        if owners[t] == 0:
+            target.copy_(cores[t])
+        elif h and w:
+            buf = torch.empty((*lead, h, w), dtype=out.dtype, device=comm.device)
+            recvs.append((owners[t], buf))
+            places.append((target, buf))
+    comm.exchange([], recvs)
+    for target, buf in places:
+        target.copy_(buf)
+    return out
+
+
+def _merge_on_root(
+    raw: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
+    lead: tuple[int, ...],
+) -> torch.Tensor | None:
+    """Fallback for grids whose blends overlap within a tile: rank 0 merges the raw tiles."""
+    if comm.rank != 0:
+        comm.exchange([(0, raw[t]) for t in sorted(raw)], [])
+        return None
+    tiles, recvs = [], []
+    for t in range(grid.count):
+        if owners[t] == 0:
+            tiles.append(raw[t])
+            continue
+        i, j = grid.position(t)
+        buf = torch.empty((*lead, grid.rows.out_sizes[i], grid.cols.out_sizes[j]),
+                          dtype=raw[0].dtype, device=comm.device)
+        tiles.append(buf)
+        recvs.append((owners[t], buf))
+    comm.exchange([], recvs)
+    return blend.merge(tiles, grid)
