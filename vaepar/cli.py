@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vaepar import launch, latents, outputs, worker
 from vaepar.errors import VaeparError
@@ -42,7 +43,7 @@ class Workers:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -83,7 +84,8 @@ def _output_paths(inputs: list[Path], out: Path, fmt: str | None, video: bool) -
     if out.exists() and not out.is_dir():
         raise VaeparError(f"{out}: several inputs need --out to be a folder, but it is a file")
     if not out.parent.is_dir():
-        raise VaeparError(f"{out}: cannot create the output folder, {out.parent} is not an existing folder")
+        what = "a file" if out.parent.exists() else "not an existing folder"
+        raise VaeparError(f"{out}: cannot create the output folder, {out.parent} is {what}")
     ext = "." + (fmt or ("mp4" if video else "png")).lstrip(".")
     paths = [out / f"{p.stem}{ext}" for p in inputs]
     if len(set(paths)) != len(paths):
@@ -106,17 +108,18 @@ def _decode(
     model_spec = _model_from(model, subfolder, inputs[0])
     cfg = worker.WorkerConfig(
         model=model_spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
-        threads=w.threads or (launch.default_threads(nproc) if device == "cpu" else None),
+        threads=w.threads if w.threads is not None else (
+            launch.default_threads(nproc) if device == "cpu" else None),
         strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap,
         factors=None if raw else Factors.of(model_spec, scaling_factor, shift_factor),
         fps=fps, quality=quality, show_progress=not quiet,
     )
+    if w.node_rank == 0:  # check every input before _output_paths creates an output folder
+        for source in inputs:
+            shape = latents.load(source, model_spec, height=height, width=width).tensor.shape
+            worker.decode_plan(cfg, tuple(shape))
     paths = _output_paths(inputs, out, fmt, model_spec.is_video)
     jobs = [worker.DecodeJob(source=i, output=o, height=height, width=width) for i, o in zip(inputs, paths)]
-    if w.node_rank == 0:
-        for job in jobs:
-            shape = latents.load(job.source, model_spec, height=height, width=width).tensor.shape
-            worker.decode_plan(cfg, tuple(shape))
     reports = launch.run(spec, worker.main, cfg, jobs)
     if reports is None:
         return

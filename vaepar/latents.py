@@ -32,6 +32,8 @@ def read(path: Path, key: str = KEY) -> tuple[torch.Tensor, dict[str, str]]:
     """The tensor named ``key`` (or the only tensor) of a safetensors file, and its metadata."""
     from safetensors import SafetensorError, safe_open
 
+    if path.is_dir():
+        raise VaeparError(f"{path}: is a folder, expected a .safetensors latent file")
     if not path.is_file():
         raise VaeparError(f"{path}: no such file")
     try:
@@ -61,9 +63,16 @@ def load(path: Path, spec: ModelSpec, *, height: int | None = None, width: int |
             tensor = unpack(path, tensor, spec, height or _int(meta, "height", path),
                             width or _int(meta, "width", path))
         _check_image(path, tensor, spec)
-    if not torch.isfinite(tensor).all():
-        raise VaeparError(f"{path}: latents contain NaN or Inf")
+    _check_finite(path, tensor)
     return LatentFile(path=path, tensor=tensor, metadata=meta)
+
+
+def _check_finite(path: Path, t: torch.Tensor) -> None:
+    if torch.isfinite(t).all():
+        return
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    found = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+    raise VaeparError(f"{path}: latents contain non-finite values ({found}), expected finite numbers")
 
 
 def _check_image(path: Path, t: torch.Tensor, spec: ModelSpec) -> None:

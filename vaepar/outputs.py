@@ -123,7 +123,8 @@ def check_writable(path: Path, suffixes: tuple[str, ...]) -> None:
                           f"expected one of {', '.join(suffixes)}")
     parent = path.parent
     if not parent.is_dir():
-        raise VaeparError(f"{path}: cannot write here, {parent} is not an existing folder")
+        what = "a file, not a folder" if parent.exists() else "not an existing folder"
+        raise VaeparError(f"{path}: cannot write here, {parent} is {what}")
     if path.is_dir():
         raise VaeparError(f"{path}: is a folder; give a file name")
     if not os.access(parent, os.W_OK):

@@ -8,6 +8,7 @@ wraps a loaded diffusers VAE and knows its geometry and how diffusers runs one t
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -86,12 +87,19 @@ def resolve(name: str, subfolder: str | None = None) -> ModelSpec:
         if Path(repo).exists():
             return _local(name, Path(repo), sub, entry)
         return _hub(name, repo, sub, entry)
-    if _HUB_ID.match(name):
+    if _HUB_ID.match(name) and not name.startswith("."):
         return _hub(name, name, subfolder, {})
+    if _looks_like_path(name):
+        raise VaeparError(f"model folder {name} does not exist")
     raise VaeparError(
         f"unknown model '{name}': not a folder, not a preset ({', '.join(sorted(table))}) "
         "and not a hub id (org/name)"
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name a user meant as a folder: has a separator or starts with '.', '/' or '~'."""
+    return name.startswith((".", "/", "~")) or "/" in name or os.sep in name
 
 
 def _local(name: str, root: Path, subfolder: str | None, overrides: dict[str, Any]) -> ModelSpec:
