@@ -1,10 +1,9 @@
 """The ``tiled`` strategy: diffusers' tile grid spread over ranks, merged bit-identically.
 
-Each rank runs its own tiles (a contiguous run in scan order, :func:`vaepar.plan.assign`). When
-strips suffice (:meth:`vaepar.plan.Grid.strips_suffice`), ranks swap only the raw trailing
-strips their neighbours' merge reads, merge their own tiles exactly (:func:`blend.finish_tile`)
-and send rank 0 the disjoint cores: the result crosses the network once. Otherwise rank 0 receives
-the raw tiles and merges serially. Either way the result equals diffusers' serial merge.
+Each rank runs its own tiles (a contiguous run in scan order, :func:`vaepar.plan.assign`). Ranks swap
+only the raw trailing strips their neighbours' merge reads (:meth:`vaepar.plan.Grid.strips_suffice`
+says this is enough), merge their own tiles exactly (:func:`blend.finish_tile`) and send rank 0
+the disjoint cores: the result crosses the network once and equals diffusers' serial merge.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm) -> torc
     raw = {t: run_tile(tile_input(x, grid, t)) for t in range(grid.count) if owners[t] == comm.rank}
     if all(r == 0 for r in owners):
         return blend.merge([raw[t] for t in range(grid.count)], grid) if comm.rank == 0 else None
-    lead = _lead_shape(raw, comm)
-    if grid.strips_suffice():
-        return _merge_from_strips(raw, grid, owners, comm, lead)
-    return _merge_on_root(raw, grid, owners, comm, lead)
+    # Holds for every grid whose cores follow the stride (plan.Axis.aligned), the only ones planned.
+    assert grid.strips_suffice()
+    return _merge_from_strips(raw, grid, owners, comm, _lead_shape(raw, comm))
 
 
 def tile_input(x: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
@@ -118,25 +116,3 @@ def _gather_cores(
     for target, buf in places:
         target.copy_(buf)
     return out
-
-
-def _merge_on_root(
-    raw: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
-    lead: tuple[int, ...],
-) -> torch.Tensor | None:
-    """Fallback for grids whose blends overlap within a tile: rank 0 merges the raw tiles."""
-    if comm.rank != 0:
-        comm.exchange([(0, raw[t]) for t in sorted(raw)], [])
-        return None
-    tiles, recvs = [], []
-    for t in range(grid.count):
-        if owners[t] == 0:
-            tiles.append(raw[t])
-            continue
-        i, j = grid.position(t)
-        buf = torch.empty((*lead, grid.rows.out_sizes[i], grid.cols.out_sizes[j]),
-                          dtype=raw[0].dtype, device=comm.device)
-        tiles.append(buf)
-        recvs.append((owners[t], buf))
-    comm.exchange([], recvs)
-    return blend.merge(tiles, grid)

@@ -1,0 +1,117 @@
+"""The tile grid and the scheduler: pure arithmetic, no processes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vaepar import plan
+
+
+def brute_force_best(weights: tuple[int, ...], k: int) -> int:
+    """Smallest possible heaviest load over all contiguous splits into at most k runs."""
+    n, best = len(weights), sum(weights)
+    for m in range(1, min(k, n) + 1):
+        for cuts in itertools.combinations(range(1, n), m - 1):
+            bounds = (0, *cuts, n)
+            best = min(best, max(sum(weights[a:b]) for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("weights", [
+    (4, 4, 4, 4), (16, 16, 16, 4, 16, 16, 16, 4, 4, 4, 4, 1), (9, 1, 1, 1, 9, 1, 1, 1),
+    (5, 3, 8, 2, 7, 1, 1, 6, 4), (1,), (3, 3),
+])
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4, 5])
+def test_assign_is_optimal_contiguous_and_uses_every_rank(weights: tuple[int, ...], nranks: int) -> None:
+    owners = plan.assign(weights, nranks)
+    assert len(owners) == len(weights)
+    assert list(owners) == sorted(owners), "runs are contiguous in scan order"
+    assert max(plan.loads(weights, owners, nranks)) == brute_force_best(weights, nranks)
+    assert set(owners) == set(range(min(nranks, len(weights)))), "every rank works while tiles last"
+
+
+def test_assign_is_deterministic() -> None:
+    weights = tuple((7 * i) % 5 + 1 for i in range(40))
+    assert len({plan.assign(weights, 6) for _ in range(5)}) == 1
+
+
+def test_more_ranks_than_tiles_leaves_the_rest_idle() -> None:
+    owners = plan.assign((4, 2, 4), 8)
+    assert owners == (0, 1, 2)
+    assert plan.loads((4, 2, 4), owners, 8)[3:] == [0] * 5
+
+
+def test_assign_rejects_zero_ranks() -> None:
+    with pytest.raises(ValueError):
+        plan.assign((1, 2), 0)
+
+
+def diffusers_decode_tiles(h: int, w: int, tile: int, overlap: float, scale: int) -> list[tuple[int, int, int, int]]:
+    """Tile input boxes as diffusers' AutoencoderKL.tiled_decode loops over them."""
+    lat = tile // scale
+    step = int(lat * (1 - overlap))
+    return [(i, min(i + lat, h), j, min(j + lat, w)) for i in range(0, h, step) for j in range(0, w, step)]
+
+
+@pytest.mark.parametrize("h,w", [(19, 23), (8, 40), (64, 64), (17, 9)])
+def test_kl_decode_grid_matches_diffusers_loops(h: int, w: int) -> None:
+    grid = plan.kl_decode_grid(h, w, tile=32, overlap=0.25, scale=4)
+    boxes = []
+    for t in range(grid.count):
+        i, j = grid.position(t)
+        r, c = grid.rows, grid.cols
+        boxes.append((r.starts[i], r.starts[i] + r.sizes[i], c.starts[j], c.starts[j] + c.sizes[j]))
+    assert boxes == diffusers_decode_tiles(h, w, 32, 0.25, 4)
+    assert (grid.rows.length, grid.cols.length) == (h * 4, w * 4)
+    assert grid.rows.blend == 8 and grid.rows.crop == 24
+    assert grid.rows.aligned() and grid.cols.aligned()
+
+
+def test_small_latent_is_one_untiled_tile() -> None:
+    grid = plan.kl_decode_grid(7, 8, tile=32, overlap=0.25, scale=4)
+    assert grid.count == 1 and not grid.tiled
+    assert (grid.rows.length, grid.cols.length) == (28, 32)
+
+
+def test_misaligned_overlap_is_detected() -> None:
+    # 64 px tiles at scale 8 with overlap 0.3: stride 5 latents (40 px) but cores of 45 px
+    grid = plan.kl_decode_grid(40, 40, tile=64, overlap=0.3, scale=8)
+    assert not grid.rows.aligned()
+
+
+def test_encode_grid_mirrors_decode() -> None:
+    grid = plan.kl_encode_grid(100, 72, tile=32, overlap=0.25, scale=4)
+    assert grid.rows.starts == tuple(range(0, 100, 24))
+    assert grid.rows.out_sizes[0] == 8 and grid.rows.blend == 2 and grid.rows.crop == 6
+    assert (grid.rows.length, grid.cols.length) == (25, 18)
+
+
+def test_strips_suffice_only_when_blends_stay_apart() -> None:
+    ok = plan.Axis(starts=(0, 6, 12), sizes=(8, 8, 4), out_sizes=(32, 32, 16), blend=8, crop=24)
+    tight = plan.Axis(starts=(0, 6, 12), sizes=(8, 8, 4), out_sizes=(32, 12, 16), blend=8, crop=24)
+    assert ok.strips_suffice() and not tight.strips_suffice()
+    assert ok.extent(2) == 8 and tight.extent(1) == 8
+
+
+def test_axis_spans_clip_to_limit() -> None:
+    ax = plan.tiled_axis(10, tile=4, stride=3, up=8, down=1, blend=8, crop=24, limit=80)
+    assert ax.offsets == (0, 24, 48, 72)
+    assert [ax.span(k) for k in range(ax.count)] == [(0, 24), (0, 24), (0, 24), (0, 8)]
+    assert ax.length == 80
+
+
+def test_amplification_counts_overlap() -> None:
+    grid = plan.kl_decode_grid(32, 32, tile=32, overlap=0.25, scale=4)
+    assert grid.amplification() == pytest.approx(sum(grid.weights()) / (32 * 32))
+    assert grid.amplification() > 1
+
+
+@pytest.mark.parametrize("tile,overlap", [(32, 0.25), (64, 0.4375), (32, 0.375), (64, 0.125), (32, 0.0)])
+def test_every_aligned_grid_merges_from_strips(tile: int, overlap: float) -> None:
+    """tiled.run relies on this: a planned (aligned) grid never needs more than raw strips."""
+    for h in range(1, 70, 3):
+        grid = plan.kl_decode_grid(h, 50, tile=tile, overlap=overlap, scale=4)
+        if grid.rows.aligned() and grid.cols.aligned():
+            assert grid.strips_suffice(), (h, tile, overlap)
