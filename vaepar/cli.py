@@ -146,7 +146,7 @@ def _guarded(fn: Any, *args: Any, **kwargs: Any) -> None:
 @app.command()
 def decode(
     latents_in: Annotated[list[Path], typer.Argument(
-        metavar="LATENTS...", help="Latent files (.safetensors): tensor 'latents' or the only tensor.")],
+        metavar="LATENTS", help="Latent files (.safetensors): tensor 'latents' or the only tensor.")],
     out: Annotated[Path, typer.Option("--out", "-o", help=(
         "Output file (.png, .safetensors; .mp4 for video); a folder when several inputs are given."))],
     model: Annotated[str | None, typer.Option("--model", "-m", help=(
@@ -195,9 +195,27 @@ def presets_cmd() -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    app(prog_name="vaepar")
+    """Console entry point: usage errors, too, come out as one line."""
+    try:  # recent typer vendors click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(prog_name="vaepar", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        console.print("[bold red]error:[/] interrupted", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -41,18 +41,22 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown --strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.tile_overlap < 0.5:
-            raise ValueError(f"tile overlap must be in [0, 0.5), got {self.tile_overlap}")
+            raise ValueError(f"--tile-overlap must be in [0, 0.5), got {self.tile_overlap}")
         if self.tile_size is not None and (self.tile_size <= 0 or self.tile_size % self.model.scale):
-            raise ValueError(f"tile size must be a positive multiple of the model's scale "
+            raise ValueError(f"--tile-size must be a positive multiple of the model's scale "
                              f"({self.model.scale}), got {self.tile_size}")
+        if self.fps < 1:
+            raise ValueError(f"--fps must be at least 1, got {self.fps}")
+        if not 0 <= self.quality <= 10:
+            raise ValueError(f"--quality must be in [0, 10], got {self.quality}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
