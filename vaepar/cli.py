@@ -191,7 +191,8 @@ def presets_cmd() -> None:
 
     for name, entry in sorted(presets().items()):
         sub = entry.get("subfolder", "")
-        print(f"{name:16} {entry['repo']}{'/' + sub if sub else ''}")
+        where = entry["repo"] if "repo" in entry else f"(shipped) vaepar/{entry['path']}"
+        print(f"{name:16} {where}{'/' + sub if sub else ''}")
 
 
 def main() -> None:
