@@ -23,6 +23,7 @@ from vaepar import plan
 from vaepar.errors import VaeparError
 
 Tick = Callable[[int], None]
+PACKAGE_DIR = Path(__file__).resolve().parent
 SUPPORTED = ("AutoencoderKL", "AutoencoderKLWan")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -82,11 +83,11 @@ def resolve(name: str, subfolder: str | None = None) -> ModelSpec:
     table = presets()
     if name in table:
         entry = dict(table[name])
-        repo, sub = entry.pop("repo"), entry.pop("subfolder", None)
+        sub = entry.pop("subfolder", None)
         sub = sub if subfolder is None else subfolder
-        if Path(repo).exists():
-            return _local(name, Path(repo), sub, entry)
-        return _hub(name, repo, sub, entry)
+        if "path" in entry:  # shipped inside the package
+            return _local(name, PACKAGE_DIR / entry.pop("path"), sub, entry)
+        return _hub(name, entry.pop("repo"), sub, entry)
     if _HUB_ID.match(name) and not name.startswith("."):
         return _hub(name, name, subfolder, {})
     if _looks_like_path(name):
@@ -119,6 +120,9 @@ def _local(name: str, root: Path, subfolder: str | None, overrides: dict[str, An
 def _hub(name: str, repo: str, subfolder: str | None, overrides: dict[str, Any]) -> ModelSpec:
     from huggingface_hub import hf_hub_download
 
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter
     candidates = [subfolder] if subfolder is not None else ["vae", ""]
     errors = []
     for sub in candidates:
