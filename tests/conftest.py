@@ -60,3 +60,60 @@ def reference_decode(model_dir: Path, z: torch.Tensor, *, tile: int | None, over
             return vae.decode(z).sample
     finally:
         torch.set_num_threads(threads)
+
+
+# -- Wan (video) ------------------------------------------------------------------------------
+
+WAN_MEAN = [0.1, -0.2, 0.3, -0.4]  # per-channel latent factors of the tiny Wan models (z_dim 4)
+WAN_STD = [1.5, 0.5, 2.0, 1.2]
+# name: spatial compression (scale_factor_spatial): Wan 2.1 decodes 8x; Wan 2.2 decodes 8x into
+# 2x2-patchified channels, then unpatchifies: 16x.
+WAN_VARIANTS = {"wan21": 8, "wan22": 16}
+
+
+def make_wan(path: Path, version: str) -> Path:
+    """A random AutoencoderKLWan saved with save_pretrained: 4 latent channels, 4x in time.
+
+    Four levels (dim_mult of length 4) give three 2x spatial upsamplings, two of them also
+    temporal, as the real models; ``wan22`` adds Wan 2.2's residual blocks, 2x2 patches (12
+    decoder channels) and a decoder wider than its encoder.
+    """
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(1)
+    common = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                  temperal_downsample=[False, True, True], latents_mean=WAN_MEAN, latents_std=WAN_STD)
+    if version == "wan21":
+        vae = AutoencoderKLWan(**common, scale_factor_spatial=8)
+    elif version == "wan22":
+        vae = AutoencoderKLWan(**common, decoder_base_dim=16, is_residual=True, patch_size=2,
+                               in_channels=12, out_channels=12, scale_factor_spatial=16)
+    else:
+        raise ValueError(version)
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wan_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wan")
+    return {name: make_wan(root / name, name) for name in WAN_VARIANTS}
+
+
+def reference_wan_decode(model_dir: Path, z: torch.Tensor, *, tile: int | None,
+                         overlap: float = 0.25) -> torch.Tensor:
+    """diffusers' AutoencoderKLWan decode (tiled with tile/stride from ``tile``), single-threaded."""
+    from diffusers import AutoencoderKLWan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(model_dir).eval()
+        if tile is not None:
+            stride = int(tile * (1 - overlap))
+            vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                              tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+        with torch.no_grad():
+            return vae.decode(z).sample
+    finally:
+        torch.set_num_threads(threads)

@@ -211,7 +211,7 @@ def test_no_model_and_no_metadata(out_dir: Path, launches: list[object], good: P
 # -- worker and tile options -----------------------------------------------------------------
 
 OPTION_CASES = [
-    pytest.param(["--strategy", "bogus"], ["unknown strategy 'bogus'", "auto, none, tiled"],
+    pytest.param(["--strategy", "bogus"], ["unknown --strategy 'bogus'", "auto, none, tiled"],
                  id="unknown-strategy"),
     pytest.param(["--nproc", "0"], ["--nproc must be at least 1, got 0"], id="nproc-0"),
     pytest.param(["--threads", "0"], ["threads must be at least 1, got 0"], id="threads-0"),
@@ -219,13 +219,13 @@ OPTION_CASES = [
     pytest.param(["--dtype", "float8"], ["dtype must be one of", "'float8'"], id="unknown-dtype"),
     pytest.param(["--device", "tpu"], ["--device must be cpu or cuda, got 'tpu'"], id="unknown-device"),
     pytest.param(["--nnodes", "2"], ["several nodes need --rdzv-endpoint"], id="nodes-without-endpoint"),
-    pytest.param(["--tile-size", "30"], ["tile size must be a positive multiple of the model's scale (4), got 30"],
+    pytest.param(["--tile-size", "30"], ["--tile-size must be a positive multiple of the model's scale (4), got 30"],
                  id="tile-size-not-multiple-of-scale"),
-    pytest.param(["--tile-size", "0"], ["tile size must be a positive multiple", "got 0"],
+    pytest.param(["--tile-size", "0"], ["--tile-size must be a positive multiple", "got 0"],
                  id="tile-size-0"),
-    pytest.param(["--tile-overlap", "0.5"], ["tile overlap must be in [0, 0.5), got 0.5"],
+    pytest.param(["--tile-overlap", "0.5"], ["--tile-overlap must be in [0, 0.5), got 0.5"],
                  id="tile-overlap-0.5"),
-    pytest.param(["--tile-overlap", "-0.1"], ["tile overlap must be in [0, 0.5), got -0.1"],
+    pytest.param(["--tile-overlap", "-0.1"], ["--tile-overlap must be in [0, 0.5), got -0.1"],
                  id="tile-overlap-negative"),
 ]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vaepar import launch, latents, outputs, worker
+from vaepar import launch, latents, outputs, pixels, worker
 from vaepar.errors import VaeparError
 from vaepar.latents import Factors
-from vaepar.vae import ModelSpec, resolve
+from vaepar.vae import ModelSpec, model_reference, patchify, resolve
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -22,11 +22,30 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-DEVICE_HELP = "Worker device: cpu or cuda (default: cuda when available)."
-STRATEGY_HELP = ("none: one worker decodes the whole latent untiled; tiled: diffusers' tile grid "
-                 "spread over the workers, bit-identical to diffusers; auto: tiled when the latent "
-                 "is larger than one tile, else none.")
-DTYPE_HELP = "Compute dtype: float32, float16 or bfloat16 (default: float32 on cpu, bfloat16 on cuda)."
+STRATEGY_HELP = ("none: one worker runs the whole input untiled; tiled: diffusers' tile grid spread "
+                 "over the workers, bit-identical to diffusers; auto: tiled when the input is larger "
+                 "than one tile, else none.")
+
+Model = Annotated[str | None, typer.Option("--model", "-m", help=(
+    "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))]
+Subfolder = Annotated[str | None, typer.Option(help="Folder of the VAE inside the model (default: vae where present).")]
+Nproc = Annotated[int, typer.Option(help="Number of workers.")]
+Gpus = Annotated[int | None, typer.Option(help="Shorthand for --device cuda --nproc N.")]
+Device = Annotated[str | None, typer.Option(help="Worker device: cpu or cuda (default: cuda when available).")]
+Threads = Annotated[int | None, typer.Option(help="Intra-op threads per CPU worker (default: cores // workers).")]
+Strategy = Annotated[str, typer.Option(help=STRATEGY_HELP)]
+TileSize = Annotated[int | None, typer.Option(help=(
+    "Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan)."))]
+TileOverlap = Annotated[float, typer.Option(help="Tile overlap factor in [0, 0.5).")]
+ScalingFactor = Annotated[float | None, typer.Option(help="Override the model's scaling_factor.")]
+ShiftFactor = Annotated[float | None, typer.Option(help="Override the model's shift_factor.")]
+Dtype = Annotated[str | None, typer.Option(help=(
+    "Compute dtype: float32, float16 or bfloat16 (default: float32 on cpu, bfloat16 on cuda)."))]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON summary here.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+Nnodes = Annotated[int, typer.Option(help="Number of nodes (multi-node runs).")]
+NodeRank = Annotated[int, typer.Option(help="This node's rank, 0 to nnodes-1.")]
+RdzvEndpoint = Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous).")]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +59,22 @@ class Workers:
     nnodes: int
     node_rank: int
     rdzv_endpoint: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Run:
+    """Options shared by decode and encode."""
+
+    workers: Workers
+    strategy: str
+    tile_size: int | None
+    tile_overlap: float
+    raw: bool
+    scaling_factor: float | None
+    shift_factor: float | None
+    dtype: str | None
+    json_path: Path | None
+    quiet: bool
 
 
 def _fail(message: str) -> None:
@@ -76,8 +111,8 @@ def _model_from(model: str | None, subfolder: str | None, first: Path) -> ModelS
     return resolve(model, subfolder)
 
 
-def _output_paths(inputs: list[Path], out: Path, fmt: str | None, video: bool) -> list[Path]:
-    suffixes = outputs.VIDEO_SUFFIXES if video else outputs.IMAGE_SUFFIXES
+def _output_paths(inputs: list[Path], out: Path, ext: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """One output per input: ``out`` itself for a single input with a suffix, else files in folder ``out``."""
     if len(inputs) == 1 and out.suffix:
         outputs.check_writable(out, suffixes)
         return [out]
@@ -86,8 +121,7 @@ def _output_paths(inputs: list[Path], out: Path, fmt: str | None, video: bool) -
     if not out.parent.is_dir():
         what = "a file" if out.parent.exists() else "not an existing folder"
         raise VaeparError(f"{out}: cannot create the output folder, {out.parent} is {what}")
-    ext = "." + (fmt or ("mp4" if video else "png")).lstrip(".")
-    paths = [out / f"{p.stem}{ext}" for p in inputs]
+    paths = [out / f"{p.stem}.{ext.lstrip('.')}" for p in inputs]
     if len(set(paths)) != len(paths):
         raise VaeparError("several inputs share a file name; their outputs would overwrite each other")
     out.mkdir(exist_ok=True)
@@ -96,42 +130,63 @@ def _output_paths(inputs: list[Path], out: Path, fmt: str | None, video: bool) -
     return paths
 
 
-def _decode(
-    inputs: list[Path], *, out: Path, model: str | None, subfolder: str | None, w: Workers,
-    strategy: str, tile_size: int | None, tile_overlap: float, raw: bool,
-    scaling_factor: float | None, shift_factor: float | None, height: int | None, width: int | None,
-    dtype: str | None, fmt: str | None, fps: int, quality: int, json_path: Path | None, quiet: bool,
-) -> None:
+def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, worker.WorkerConfig]:
+    w = run.workers
     device, nproc = _resolve_device(w)
-    spec = launch.LaunchSpec(nproc=nproc, nnodes=w.nnodes, node_rank=w.node_rank,
-                             rdzv_endpoint=w.rdzv_endpoint)
-    model_spec = _model_from(model, subfolder, inputs[0])
+    group = launch.LaunchSpec(nproc=nproc, nnodes=w.nnodes, node_rank=w.node_rank, rdzv_endpoint=w.rdzv_endpoint)
     cfg = worker.WorkerConfig(
-        model=model_spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
-        threads=w.threads if w.threads is not None else (
-            launch.default_threads(nproc) if device == "cpu" else None),
-        strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap,
-        factors=None if raw else Factors.of(model_spec, scaling_factor, shift_factor),
-        fps=fps, quality=quality, show_progress=not quiet,
+        model=spec, device=device, dtype=run.dtype or ("bfloat16" if device == "cuda" else "float32"),
+        threads=w.threads if w.threads is not None else (launch.default_threads(nproc) if device == "cpu" else None),
+        strategy=run.strategy, tile_size=run.tile_size, tile_overlap=run.tile_overlap,
+        factors=None if run.raw else Factors.of(spec, run.scaling_factor, run.shift_factor),
+        show_progress=not run.quiet, **extra,
     )
-    if w.node_rank == 0:  # check every input before _output_paths creates an output folder
-        for source in inputs:
-            shape = latents.load(source, model_spec, height=height, width=width).tensor.shape
-            worker.decode_plan(cfg, tuple(shape))
-    paths = _output_paths(inputs, out, fmt, model_spec.is_video)
-    jobs = [worker.DecodeJob(source=i, output=o, height=height, width=width) for i, o in zip(inputs, paths)]
-    reports = launch.run(spec, worker.main, cfg, jobs)
+    return group, cfg
+
+
+def _execute(command: str, run: Run, group: launch.LaunchSpec, cfg: worker.WorkerConfig, jobs: list[Any]) -> None:
+    reports = launch.run(group, worker.main, cfg, jobs)
     if reports is None:
         return
     from vaepar import report
 
-    if not quiet:
+    if not run.quiet:
         report.print_summary(reports, Console())
-    if json_path is not None:
-        report.write_json(json_path, reports, {
-            "command": "decode", "model": model_spec.name, "device": device, "nproc": spec.world,
-            "threads": cfg.threads, "dtype": cfg.dtype, "strategy": strategy,
+    if run.json_path is not None:
+        report.write_json(run.json_path, reports, {
+            "command": command, "model": cfg.model.name, "device": cfg.device, "nproc": group.world,
+            "threads": cfg.threads, "dtype": cfg.dtype, "strategy": cfg.strategy,
         })
+
+
+def _decode(inputs: list[Path], *, out: Path, model: str | None, subfolder: str | None, run: Run,
+            height: int | None, width: int | None, fmt: str | None, fps: int, quality: int) -> None:
+    spec = _model_from(model, subfolder, inputs[0])
+    group, cfg = _setup(run, spec, fps=fps, quality=quality)
+    jobs = []
+    for source in inputs:  # every input is checked before any output folder is made
+        found = latents.load(source, spec, height=height, width=width) if run.workers.node_rank == 0 else None
+        if found is not None:
+            worker.plan_job(cfg, "decode", tuple(found.tensor.shape))
+        scaled = found is None or found.metadata.get("scaled", "true").lower() != "false"
+        jobs.append(worker.DecodeJob(source=source, output=out, height=height, width=width, scaled=scaled))
+    suffixes = outputs.VIDEO_SUFFIXES if spec.is_video else outputs.IMAGE_SUFFIXES
+    paths = _output_paths(inputs, out, fmt or ("mp4" if spec.is_video else "png"), suffixes)
+    _execute("decode", run, group, cfg, [replace(j, output=p) for j, p in zip(jobs, paths)])
+
+
+def _encode(inputs: list[Path], *, out: Path, model: str, subfolder: str | None, run: Run,
+            frames: int | None, fit: str | None, sample: bool, seed: int | None) -> None:
+    spec = resolve(model, subfolder)
+    group, cfg = _setup(run, spec, sample=sample, seed=seed)
+    if run.workers.node_rank == 0:
+        for source in inputs:
+            x = pixels.prepare(source, spec, frames=frames, how=fit)
+            worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape))
+    paths = _output_paths(inputs, out, "safetensors", (".safetensors",))
+    ref = model_reference(spec)
+    jobs = [worker.EncodeJob(source=i, output=o, frames=frames, fit=fit, model_ref=ref) for i, o in zip(inputs, paths)]
+    _execute("encode", run, group, cfg, jobs)
 
 
 def _guarded(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -149,39 +204,82 @@ def decode(
         metavar="LATENTS", help="Latent files (.safetensors): tensor 'latents' or the only tensor.")],
     out: Annotated[Path, typer.Option("--out", "-o", help=(
         "Output file (.png, .safetensors; .mp4 for video); a folder when several inputs are given."))],
-    model: Annotated[str | None, typer.Option("--model", "-m", help=(
-        "Local diffusers folder, hub id, or preset (see `vaepar presets`). Default: the model named "
-        "in the file's metadata."))] = None,
-    subfolder: Annotated[str | None, typer.Option(help="Folder of the VAE inside the model (default: vae where present).")] = None,
-    nproc: Annotated[int, typer.Option(help="Number of workers.")] = 1,
-    gpus: Annotated[int | None, typer.Option(help="Shorthand for --device cuda --nproc N.")] = None,
-    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads per CPU worker (default: cores // workers).")] = None,
-    strategy: Annotated[str, typer.Option(help=STRATEGY_HELP)] = "auto",
-    tile_size: Annotated[int | None, typer.Option(help="Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan).")] = None,
-    tile_overlap: Annotated[float, typer.Option(help="Tile overlap factor in [0, 0.5).")] = 0.25,
-    raw: Annotated[bool, typer.Option("--raw", help="Decode the tensor as given (no unscaling).")] = False,
-    scaling_factor: Annotated[float | None, typer.Option(help="Override the model's scaling_factor.")] = None,
-    shift_factor: Annotated[float | None, typer.Option(help="Override the model's shift_factor.")] = None,
+    model: Model = None,
+    subfolder: Subfolder = None,
+    nproc: Nproc = 1,
+    gpus: Gpus = None,
+    device: Device = None,
+    threads: Threads = None,
+    strategy: Strategy = "auto",
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = 0.25,
+    raw: Annotated[bool, typer.Option("--raw", help=(
+        "Decode the tensor as given. Default: unscale as pipelines do, unless the file's metadata "
+        "says scaled=false."))] = False,
+    scaling_factor: ScalingFactor = None,
+    shift_factor: ShiftFactor = None,
     height: Annotated[int | None, typer.Option(help="Image height in pixels, to unpack packed (Flux) latents.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels, to unpack packed (Flux) latents.")] = None,
-    dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
+    dtype: Dtype = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Output format when --out is a folder: png, safetensors or mp4.")] = None,
     fps: Annotated[int, typer.Option(help="Frames per second of MP4 output.")] = 16,
     quality: Annotated[int, typer.Option(help="MP4 quality, 0 (worst) to 10 (best).")] = 8,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary here.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
-    nnodes: Annotated[int, typer.Option(help="Number of nodes (multi-node runs).")] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's rank, 0 to nnodes-1.")] = 0,
-    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous).")] = None,
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    nnodes: Nnodes = 1,
+    node_rank: NodeRank = 0,
+    rdzv_endpoint: RdzvEndpoint = None,
 ) -> None:
-    """Decode latents into images (PNG), videos (MP4) or tensors (safetensors)."""
-    w = Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
-                node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
-    _guarded(_decode, latents_in, out=out, model=model, subfolder=subfolder, w=w, strategy=strategy,
-             tile_size=tile_size, tile_overlap=tile_overlap, raw=raw, scaling_factor=scaling_factor,
-             shift_factor=shift_factor, height=height, width=width, dtype=dtype, fmt=fmt, fps=fps,
-             quality=quality, json_path=json_path, quiet=quiet)
+    """Decode latents into images (PNG), videos (MP4) or tensors (safetensors).
+
+    Without --model, the model named in the first file's metadata is used.
+    """
+    run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
+                              node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
+              strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
+              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet)
+    _guarded(_decode, latents_in, out=out, model=model, subfolder=subfolder, run=run, height=height, width=width,
+             fmt=fmt, fps=fps, quality=quality)
+
+
+@app.command()
+def encode(
+    inputs: Annotated[list[Path], typer.Argument(
+        metavar="INPUTS", help="Images (PNG/JPEG), videos (MP4) or pixel tensors (.safetensors, key 'sample', in [-1, 1]).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Output latent file (.safetensors); a folder when several inputs are given."))],
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))],
+    subfolder: Subfolder = None,
+    nproc: Nproc = 1,
+    gpus: Gpus = None,
+    device: Device = None,
+    threads: Threads = None,
+    strategy: Strategy = "auto",
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = 0.25,
+    raw: Annotated[bool, typer.Option("--raw", help="Write latents unscaled. Default: scaled as pipelines expect.")] = False,
+    scaling_factor: ScalingFactor = None,
+    shift_factor: ShiftFactor = None,
+    frames: Annotated[int | None, typer.Option(help="Video: encode only the first N frames (Wan: 1 + 4k).")] = None,
+    fit: Annotated[str | None, typer.Option(help=(
+        "Sizes that are not a multiple of the model's scale: crop (centre) or resize. Default: refuse."))] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample the latent distribution instead of taking its mode.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for --sample (default 0).")] = None,
+    dtype: Dtype = None,
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    nnodes: Nnodes = 1,
+    node_rank: NodeRank = 0,
+    rdzv_endpoint: RdzvEndpoint = None,
+) -> None:
+    """Encode images or videos into latents (.safetensors) that `vaepar decode` reads back."""
+    run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
+                              node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
+              strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
+              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet)
+    _guarded(_encode, inputs, out=out, model=model, subfolder=subfolder, run=run, frames=frames, fit=fit,
+             sample=sample, seed=seed)
 
 
 @app.command("presets")

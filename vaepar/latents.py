@@ -140,12 +140,25 @@ class Factors:
         return Factors(scaling=scaling if scaling is not None else spec.factor("scaling_factor"),
                        shift=shift if shift is not None else spec.factor("shift_factor"))
 
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents as pipelines store them: the inverse of :meth:`unscale`."""
+        if self.mean is not None and self.std is not None:
+            mean, inv_std = self._per_channel(z)
+            return (z - mean) * inv_std
+        z = z - self.shift if self.shift is not None else z
+        return z * self.scaling if self.scaling is not None else z
+
+    def _per_channel(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.mean is not None and self.std is not None
+        shape = (1, len(self.mean)) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(self.mean).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(self.std).view(shape).to(z.device, z.dtype)
+        return mean, inv_std
+
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents as the pipeline hands them to ``vae.decode``."""
         if self.mean is not None and self.std is not None:
-            shape = (1, len(self.mean)) + (1,) * (z.ndim - 2)
-            mean = torch.tensor(self.mean).view(shape).to(z.device, z.dtype)
-            inv_std = 1.0 / torch.tensor(self.std).view(shape).to(z.device, z.dtype)
+            mean, inv_std = self._per_channel(z)
             return z / inv_std + mean
         z = z / self.scaling if self.scaling is not None else z
         return z + self.shift if self.shift is not None else z

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``(..., 3, H, W)`` in [-1, 1] to ``(..., H, W, 3)`` uint8, as diffusers' postprocess."""
+    """Images ``(B, 3, H, W)`` or videos ``(B, 3, F, H, W)`` in [-1, 1] to channels-last uint8,
+    ``(B, H, W, 3)`` or ``(B, F, H, W, 3)``, as diffusers' postprocess (rounded).
+
+    The channel axis is dim 1 in both layouts (for a video, dim -3 is the frame axis).
+    """
     x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
-    x = x.movedim(-3, -1).numpy()
+    x = x.movedim(1, -1).numpy()
     return (x * 255).round().astype("uint8")
 
 
@@ -73,6 +78,15 @@ def write_sample(path: Path, sample: torch.Tensor, *, fps: int = 16, quality: in
     raise VaeparError(f"{path}: unsupported output format '{path.suffix}'")
 
 
+def write_latents(path: Path, z: torch.Tensor, metadata: dict[str, str]) -> Path:
+    """Write latents (float32, key ``latents``) with string metadata."""
+    from safetensors.torch import save_file
+
+    tensor = {"latents": z.detach().float().cpu().contiguous()}
+    _write(path, [path], lambda tmp: save_file(tensor, str(tmp[0]), metadata=metadata))
+    return path
+
+
 def _write(path: Path, paths: list[Path], fill: Callable[[list[Path]], None]) -> list[Path]:
     with _staged(paths) as temps:
         fill(temps)
@@ -98,22 +112,67 @@ def _write_pngs(path: Path, sample: torch.Tensor) -> list[Path]:
     return _write(path, paths, fill)
 
 
-def _write_mp4s(path: Path, sample: torch.Tensor, *, fps: int, quality: int) -> list[Path]:
-    import imageio.v2 as imageio
+def mp4_crf(quality: float) -> int:
+    """x264 CRF for ``--quality`` 0 (worst) to 10 (best): imageio-ffmpeg's mapping, extended to 0."""
+    return int((1 - quality / 10) * 51)
 
+
+def _write_mp4s(path: Path, sample: torch.Tensor, *, fps: int, quality: float) -> list[Path]:
     if sample.ndim != 5:
         raise VaeparError(f"{path}: MP4 output needs a video model; use .png or .safetensors for images")
+    if not 0 <= quality <= 10:
+        raise VaeparError(f"{path}: MP4 quality must be between 0 and 10, got {quality}")
+    if fps <= 0:
+        raise VaeparError(f"{path}: MP4 frame rate must be positive, got {fps}")
     pixels = to_uint8(sample)  # (B, F, H, W, 3)
     paths = image_paths(path, pixels.shape[0])
 
     def fill(temps: list[Path]) -> None:
-        for tmp, video in zip(temps, pixels):
-            with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=quality,
-                                    pixelformat="yuv420p", macro_block_size=1) as w:
-                for frame in video:
-                    w.append_data(frame)
+        for final, tmp, video in zip(paths, temps, pixels):
+            _encode_h264(final, tmp, video, fps=fps, crf=mp4_crf(quality))
 
     return _write(path, paths, fill)
+
+
+def _encode_h264(final: Path, tmp: Path, video: np.ndarray, *, fps: int, crf: int) -> None:
+    """Frames ``(F, H, W, 3)`` uint8 to an H.264/yuv420p MP4 with imageio-ffmpeg's ffmpeg.
+
+    Runs ffmpeg directly (the arguments imageio's FFMPEG writer uses) so that a failing ffmpeg
+    is an error: imageio-ffmpeg ignores ffmpeg's exit status and can leave an empty file behind.
+    """
+    import subprocess
+    from fractions import Fraction
+
+    import imageio_ffmpeg
+
+    _, h, w, _ = video.shape
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error",
+           "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+           "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
+           "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-f", "mp4", str(tmp)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        assert proc.stdin is not None
+        try:
+            try:
+                for frame in video:
+                    proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+            finally:
+                with suppress(BrokenPipeError):  # ffmpeg quit early: its status and log say why
+                    proc.stdin.close()
+            code = proc.wait()
+        except BrokenPipeError:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: do not leave ffmpeg behind
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            # the first line names the cause; drop ffmpeg's "[component @ 0x...]" prefixes
+            why = re.sub(r"^(\[[^\]]*\]\s*)+", "", lines[0]).strip() if lines else f"exit status {code}"
+            raise VaeparError(f"{final}: ffmpeg could not write the video ({why})")
 
 
 def check_writable(path: Path, suffixes: tuple[str, ...]) -> None:

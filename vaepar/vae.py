@@ -163,6 +163,22 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
     return vae.to(device).eval().requires_grad_(False)
 
 
+def model_reference(spec: ModelSpec) -> str:
+    """How a latent file names its model so that decode finds it again: a local folder by its
+    absolute path, a preset or hub id by name."""
+    if spec.local and spec.name not in presets():
+        return str(Path(spec.source).resolve())
+    return spec.name
+
+
+def patchify(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
+    """Pixels as Wan 2.2's encoder sees them (patch_size > 1), else unchanged."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify as wan_patchify
+
+    p = patch_size(spec)
+    return wan_patchify(x, patch_size=p) if p > 1 else x
+
+
 def default_tile(spec: ModelSpec) -> int:
     """The model's own tile size in pixels: ``sample_size`` for KL, 256 for Wan (as diffusers)."""
     if spec.is_video:
@@ -191,6 +207,22 @@ def decode_grid(spec: ModelSpec, h: int, w: int, tile: int | None, overlap: floa
                      cols=plan.tiled_axis(w, **ax, limit=w * s // p))
 
 
+def encode_grid(spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
+    """diffusers' encode tiles over pixels ``h`` x ``w`` as the encoder sees them (Wan 2.2:
+    patchified), untiled when ``tile`` is None."""
+    p = patch_size(spec)
+    s = spec.scale // p
+    if tile is None:
+        return plan.Grid(rows=plan.single(h, h // s), cols=plan.single(w, w // s))
+    if not spec.is_video:
+        return plan.kl_encode_grid(h, w, tile=tile, overlap=overlap, scale=s)
+    if h * p <= tile and w * p <= tile:  # diffusers compares the size before patchifying
+        return encode_grid(spec, h, w, None, overlap)
+    stride = int(tile * (1 - overlap))
+    ax = dict(tile=tile, stride=stride, up=1, down=s, blend=tile // s - stride // s, crop=stride // s)
+    return plan.Grid(rows=plan.tiled_axis(h, **ax, limit=h // s), cols=plan.tiled_axis(w, **ax, limit=w // s))
+
+
 def _no_tick(n: int) -> None:
     pass
 
@@ -213,6 +245,32 @@ class Family:
         """Post-processing after the merge (Wan: unpatchify and clamp)."""
         return x
 
+    def prepare_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as the encoder's tiles slice them (Wan 2.2: patchified)."""
+        return patchify(self.spec, x)
+
+    def steps(self, x: torch.Tensor, task: str) -> int:
+        """Progress units per tile: 1 for images; frames (decode) or time chunks (encode) for video."""
+        if x.ndim != 5:
+            return 1
+        return x.shape[2] if task == "decode" else 1 + (x.shape[2] - 1) // 4
+
+    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
+        """Latent moments (mean and log-variance) of one tile, or of all pixels when not ``tiled``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def latents(moments: torch.Tensor, *, sample: bool, seed: int | None) -> torch.Tensor:
+        """The posterior's mode, or a sample drawn with ``seed``."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(moments)
+        if not sample:
+            return posterior.mode()
+        generator = torch.Generator(moments.device)
+        generator.manual_seed(seed if seed is not None else 0)
+        return posterior.sample(generator)
+
 
 class KLFamily(Family):
     """``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3, Flux)."""
@@ -223,6 +281,13 @@ class KLFamily(Family):
         out = self.vae.decoder(z)
         tick(1)
         return out
+
+    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
+        h = self.vae.encoder(x)
+        if self.vae.config.use_quant_conv:
+            h = self.vae.quant_conv(h)
+        tick(1)
+        return h
 
 
 class WanFamily(Family):
@@ -243,6 +308,21 @@ class WanFamily(Family):
             tick(1)
         vae.clear_cache()
         return torch.cat(frames, dim=2)
+
+    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
+        """Causal in time: the first frame alone, then chunks of 4, through one cache."""
+        vae = self.vae
+        vae.clear_cache()
+        chunks = []
+        for k in range(1 + (x.shape[2] - 1) // 4):
+            vae._enc_conv_idx = [0]
+            step = x[:, :, :1] if k == 0 else x[:, :, 1 + 4 * (k - 1) : 1 + 4 * k]
+            out = vae.encoder(step, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx)
+            chunks.append(vae.quant_conv(out) if tiled else out)
+            tick(1)
+        vae.clear_cache()
+        moments = torch.cat(chunks, dim=2)
+        return moments if tiled else vae.quant_conv(moments)
 
     def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
