@@ -23,8 +23,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 STRATEGY_HELP = ("none: one worker runs the whole input untiled; tiled: diffusers' tile grid spread "
-                 "over the workers, bit-identical to diffusers; auto: tiled when the input is larger "
-                 "than one tile, else none.")
+                 "over the workers, bit-identical to diffusers; shard: rows split into bands with halo "
+                 "exchange inside every layer, equal to untiled up to float rounding; patch: bands "
+                 "with --halo rows of margin, no communication; auto: shard on several workers, else "
+                 "tiled when the input is larger than one tile, else none.")
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help=(
     "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))]
@@ -46,6 +48,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or s
 Nnodes = Annotated[int, typer.Option(help="Number of nodes (multi-node runs).")]
 NodeRank = Annotated[int, typer.Option(help="This node's rank, 0 to nnodes-1.")]
 RdzvEndpoint = Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous).")]
+Halo = Annotated[int, typer.Option(help="patch strategy: latent rows of margin above and below each band.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Per-rank details: band, halo exchanges, bytes sent.")]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,6 +79,8 @@ class Run:
     dtype: str | None
     json_path: Path | None
     quiet: bool
+    halo: int
+    verbose: bool
 
 
 def _fail(message: str) -> None:
@@ -139,7 +145,7 @@ def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, 
         threads=w.threads if w.threads is not None else (launch.default_threads(nproc) if device == "cpu" else None),
         strategy=run.strategy, tile_size=run.tile_size, tile_overlap=run.tile_overlap,
         factors=None if run.raw else Factors.of(spec, run.scaling_factor, run.shift_factor),
-        show_progress=not run.quiet, **extra,
+        halo=run.halo, show_progress=not run.quiet, verbose=run.verbose, **extra,
     )
     return group, cfg
 
@@ -151,7 +157,7 @@ def _execute(command: str, run: Run, group: launch.LaunchSpec, cfg: worker.Worke
     from vaepar import report
 
     if not run.quiet:
-        report.print_summary(reports, Console())
+        report.print_summary(reports, Console(), verbose=run.verbose)
     if run.json_path is not None:
         report.write_json(run.json_path, reports, {
             "command": command, "model": cfg.model.name, "device": cfg.device, "nproc": group.world,
@@ -167,7 +173,7 @@ def _decode(inputs: list[Path], *, out: Path, model: str | None, subfolder: str 
     for source in inputs:  # every input is checked before any output folder is made
         found = latents.load(source, spec, height=height, width=width) if run.workers.node_rank == 0 else None
         if found is not None:
-            worker.plan_job(cfg, "decode", tuple(found.tensor.shape))
+            worker.plan_job(cfg, "decode", tuple(found.tensor.shape), group.world)
         scaled = found is None or found.metadata.get("scaled", "true").lower() != "false"
         jobs.append(worker.DecodeJob(source=source, output=out, height=height, width=width, scaled=scaled))
     suffixes = outputs.VIDEO_SUFFIXES if spec.is_video else outputs.IMAGE_SUFFIXES
@@ -182,7 +188,7 @@ def _encode(inputs: list[Path], *, out: Path, model: str, subfolder: str | None,
     if run.workers.node_rank == 0:
         for source in inputs:
             x = pixels.prepare(source, spec, frames=frames, how=fit)
-            worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape))
+            worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape), group.world)
     paths = _output_paths(inputs, out, "safetensors", (".safetensors",))
     ref = model_reference(spec)
     jobs = [worker.EncodeJob(source=i, output=o, frames=frames, fit=fit, model_ref=ref) for i, o in zip(inputs, paths)]
@@ -224,8 +230,10 @@ def decode(
     fmt: Annotated[str | None, typer.Option("--format", help="Output format when --out is a folder: png, safetensors or mp4.")] = None,
     fps: Annotated[int, typer.Option(help="Frames per second of MP4 output.")] = 16,
     quality: Annotated[int, typer.Option(help="MP4 quality, 0 (worst) to 10 (best).")] = 8,
+    halo: Halo = 8,
     json_path: JsonPath = None,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
@@ -237,7 +245,8 @@ def decode(
     run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
                               node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
               strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
-              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet)
+              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet,
+              halo=halo, verbose=verbose)
     _guarded(_decode, latents_in, out=out, model=model, subfolder=subfolder, run=run, height=height, width=width,
              fmt=fmt, fps=fps, quality=quality)
 
@@ -267,8 +276,10 @@ def encode(
     sample: Annotated[bool, typer.Option("--sample", help="Sample the latent distribution instead of taking its mode.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for --sample (default 0).")] = None,
     dtype: Dtype = None,
+    halo: Halo = 8,
     json_path: JsonPath = None,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
@@ -277,7 +288,8 @@ def encode(
     run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
                               node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
               strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
-              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet)
+              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet,
+              halo=halo, verbose=verbose)
     _guarded(_encode, inputs, out=out, model=model, subfolder=subfolder, run=run, frames=frames, fit=fit,
              sample=sample, seed=seed)
 

@@ -220,3 +220,19 @@ def loads(weights: tuple[int, ...], owners: tuple[int, ...], nranks: int) -> lis
     for w, r in zip(weights, owners):
         out[r] += w
     return out
+
+
+def bands(units: int, nranks: int) -> list[tuple[int, int]]:
+    """Split ``units`` rows (latent rows, or pixel rows in steps of the model's scale) into
+    contiguous, uneven bands, one per active rank: at most ``nranks``, never empty.
+
+    With fewer units than ranks only the first ``units`` ranks get a band; every rank computes
+    the same split.
+    """
+    if units < 1 or nranks < 1:
+        raise ValueError(f"need at least one row and one rank, got {units} rows and {nranks} ranks")
+    k = min(units, nranks)
+    base, extra = divmod(units, k)
+    sizes = [base + (1 if r < extra else 0) for r in range(k)]
+    starts = list(accumulate(sizes, initial=0))
+    return list(zip(starts, starts[1:]))

@@ -60,6 +60,9 @@ class RankStats:
     tiles: int = 0
     busy_s: float = 0.0
     peak_mem_bytes: int = 0
+    band: list[int] | None = None
+    exchanges: int = 0
+    bytes_sent: int = 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -140,10 +143,16 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def print_summary(reports: list[JobReport], console: Console) -> None:
+def print_summary(reports: list[JobReport], console: Console, verbose: bool = False) -> None:
     """Outputs written, then per-rank time and peak memory over all jobs."""
     for r in reports:
-        console.print(f"{r.input} -> {', '.join(r.outputs)}  ({r.strategy}, {r.tiles} tiles, {r.seconds:.2f} s)")
+        parts = "bands" if r.strategy in ("shard", "patch") else "tiles"
+        console.print(f"{r.input} -> {', '.join(r.outputs)}  ({r.strategy}, {r.tiles} {parts}, {r.seconds:.2f} s)")
+        if verbose:
+            for s in r.ranks:
+                if s.band is not None:
+                    console.print(f"  rank {s.rank}: band rows {s.band[0]}:{s.band[1]}, {s.exchanges} halo "
+                                  f"exchanges, {human_bytes(s.bytes_sent)} sent")
     table = Table(title="per-rank work and peak memory")
     for col in ("rank", "device", "tiles", "busy s", "peak memory"):
         table.add_column(col, justify="right" if col != "device" else "left")

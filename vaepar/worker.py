@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from vaepar import latents, outputs, pixels, plan, tiled
+from vaepar import latents, outputs, pixels, plan, shard, tiled
 from vaepar.comm import Comm
 from vaepar.errors import VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
-from vaepar.vae import Family, ModelSpec, decode_grid, default_tile, encode_grid, load
+from vaepar.vae import Family, ModelSpec, decode_grid, default_tile, encode_grid, load, patch_size
 
-STRATEGIES = ("auto", "none", "tiled")
+STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,7 +40,9 @@ class WorkerConfig:
     quality: int = 8
     sample: bool = False
     seed: int | None = None
+    halo: int = 8
     show_progress: bool = True
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -58,6 +60,8 @@ class WorkerConfig:
                              f"({self.model.scale}), got {self.tile_size}")
         if self.fps < 1:
             raise ValueError(f"--fps must be at least 1, got {self.fps}")
+        if self.halo < 0:
+            raise ValueError(f"--halo must be at least 0, got {self.halo}")
         if not 0 <= self.quality <= 10:
             raise ValueError(f"--quality must be in [0, 10], got {self.quality}")
 
@@ -84,28 +88,39 @@ class EncodeJob:
     model_ref: str = ""
 
 
-def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...]) -> tuple[str, plan.Grid]:
+def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 1) -> tuple[str, plan.Grid]:
     """The strategy and tile grid for an input of ``shape``, the same on every rank.
 
     ``shape`` is the latent's (decode) or the pixels' as the encoder's tiles slice them (encode).
-    ``auto`` picks ``tiled`` when the input is larger than one tile (diffusers' own test), else
-    ``none``.
+    ``auto``: ``shard`` on several workers when the input has at least two latent rows; on one
+    worker ``tiled`` when the input is larger than one tile (diffusers' own test), else ``none``.
+    ``shard`` and ``patch`` split rows into bands; their grid is the untiled one.
     """
     h, w = shape[-2], shape[-1]
     tile = cfg.tile_size or default_tile(cfg.model)
     make = decode_grid if task == "decode" else encode_grid
-    grid = make(cfg.model, h, w, tile, cfg.tile_overlap)
+    untiled = make(cfg.model, h, w, None, cfg.tile_overlap)
     strategy = cfg.strategy
+    if strategy == "auto" and world > 1 and latent_rows(cfg.model, task, h) >= 2:
+        strategy = "shard"
+    if strategy in ("none", "shard", "patch"):
+        return strategy, untiled
+    grid = make(cfg.model, h, w, tile, cfg.tile_overlap)
     if strategy == "auto":
         strategy = "tiled" if grid.tiled else "none"
-    if strategy == "none":
-        return strategy, make(cfg.model, h, w, None, cfg.tile_overlap)
+        if strategy == "none":
+            return strategy, untiled
     if not (grid.rows.aligned() and grid.cols.aligned()):
         raise VaeparError(
             f"tile size {tile} with overlap {cfg.tile_overlap} puts tile cores out of step with the "
             "tile stride (diffusers would return a wrongly sized result); pick an overlap that makes "
             "tile * overlap a multiple of the model's scale")
     return strategy, grid
+
+
+def latent_rows(spec: ModelSpec, task: str, h: int) -> int:
+    """Latent rows of an input with ``h`` rows (encode: pixel rows as the encoder's tiles see them)."""
+    return h if task == "decode" else h // (spec.scale // patch_size(spec))
 
 
 class Worker:
@@ -117,7 +132,10 @@ class Worker:
         if cfg.threads is not None and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)
         self.dtype = DTYPES[cfg.dtype]
-        self.family = Family.of(load(cfg.model, self.comm.device, self.dtype), cfg.model)
+        vae = load(cfg.model, self.comm.device, self.dtype)
+        shard.install(vae)  # inert outside shard runs: other strategies run the original modules
+        self.family = Family.of(vae, cfg.model)
+        self.groups: dict[int, object] = {}
         self.meter = MemoryMeter(self.comm.device)
         self.jobs_started = 0
 
@@ -126,14 +144,14 @@ class Worker:
         """Decode one file; rank 0 writes the output and returns the report."""
         clock = Stopwatch()
         z = self.comm.broadcast(self._read_latents(job) if self.comm.rank == 0 else None)
-        strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape))
-        out, ranks = self._run(z, grid, self.family.decode_tile, self.family.steps(z, "decode"), job.source.name)
+        strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape), self.comm.world)
+        out, ranks, parts = self._run("decode", strategy, z, grid, job.source.name)
         if out is None:
             return None
         sample = self.family.finish_decode(out)
         written = outputs.write_sample(job.output, sample, fps=self.cfg.fps, quality=self.cfg.quality)
         return JobReport(input=str(job.source), outputs=[str(p) for p in written], input_shape=list(z.shape),
-                         output_shape=list(sample.shape), strategy=strategy, tiles=grid.count,
+                         output_shape=list(sample.shape), strategy=strategy, tiles=parts,
                          seconds=clock.elapsed(), ranks=ranks)
 
     @torch.inference_mode()
@@ -142,8 +160,8 @@ class Worker:
         clock = Stopwatch()
         x, meta = self._read_pixels(job) if self.comm.rank == 0 else (None, {})
         x = self.comm.broadcast(x)
-        strategy, grid = plan_job(self.cfg, "encode", tuple(x.shape))
-        out, ranks = self._run(x, grid, self.family.encode_tile, self.family.steps(x, "encode"), job.source.name)
+        strategy, grid = plan_job(self.cfg, "encode", tuple(x.shape), self.comm.world)
+        out, ranks, parts = self._run("encode", strategy, x, grid, job.source.name)
         if out is None:
             return None
         z = self.family.latents(out, sample=self.cfg.sample, seed=self.cfg.seed)
@@ -152,28 +170,47 @@ class Worker:
         meta |= {"model": job.model_ref, "scaled": str(self.cfg.factors is not None).lower()}
         written = outputs.write_latents(job.output, z, meta)
         return JobReport(input=str(job.source), outputs=[str(written)], input_shape=pixel_shape(x, meta),
-                         output_shape=list(z.shape), strategy=strategy, tiles=grid.count,
+                         output_shape=list(z.shape), strategy=strategy, tiles=parts,
                          seconds=clock.elapsed(), ranks=ranks)
 
-    def _run(self, x: torch.Tensor, grid: plan.Grid, tile_fn: Callable[..., torch.Tensor], steps: int,
-             label: str) -> tuple[torch.Tensor | None, list[RankStats]]:
-        """Every rank runs its tiles; rank 0 gets the merged result and everyone's stats."""
+    def _run(self, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid,
+             label: str) -> tuple[torch.Tensor | None, list[RankStats], int]:
+        """Every rank runs its share; rank 0 gets the joined result, everyone's stats and the
+        number of parts (tiles or bands)."""
+        tile_fn = self.family.decode_tile if task == "decode" else self.family.encode_tile
+        banded = strategy in ("shard", "patch")
+        rows = latent_rows(self.cfg.model, task, x.shape[-2])
+        parts = len(plan.bands(rows, self.comm.world)) if banded else grid.count
         self.jobs_started += 1
-        ticker = Ticker(self.comm, f"job{self.jobs_started}", grid.count * steps, label, self.cfg.show_progress)
+        ticker = Ticker(self.comm, f"job{self.jobs_started}", parts * self.family.steps(x, task), label,
+                        self.cfg.show_progress)
         self.meter.start()
         stats = RankStats(rank=self.comm.rank, device=str(self.comm.device))
         busy = Stopwatch()
 
-        def run_tile(tile: torch.Tensor) -> torch.Tensor:
+        def run_part(part: torch.Tensor) -> torch.Tensor:
             stats.tiles += 1
-            return tile_fn(tile, tiled=grid.tiled, tick=ticker.tick)
+            return tile_fn(part, tiled=grid.tiled, tick=ticker.tick)
 
         try:
-            out = tiled.run(x, grid, run_tile, self.comm)
+            if banded:
+                out = self._run_bands(task, strategy, x, rows, run_part, stats)
+            else:
+                out = tiled.run(x, grid, run_part, self.comm)
         finally:
             ticker.close()
         stats.busy_s, stats.peak_mem_bytes = busy.elapsed(), self.meter.peak()
-        return out, self.comm.gather_objects(stats)
+        return out, self.comm.gather_objects(stats), parts
+
+    def _run_bands(self, task: str, strategy: str, x: torch.Tensor, rows: int,
+                   run_part: Callable[[torch.Tensor], torch.Tensor], stats: RankStats) -> torch.Tensor | None:
+        spec = self.cfg.model
+        unit_in = 1 if task == "decode" else spec.scale // patch_size(spec)
+        unit_out = spec.scale // patch_size(spec) if task == "decode" else 1
+        out, band = shard.run(x, rows, unit_in, lambda u: u * unit_out, run_part, self.comm,
+                              halo=self.cfg.halo if strategy == "patch" else None, groups=self.groups)
+        stats.band, stats.exchanges, stats.bytes_sent = list(band.band), band.exchanges, band.bytes_sent
+        return out
 
     def _read_latents(self, job: DecodeJob) -> torch.Tensor:
         z = latents.load(job.source, self.cfg.model, height=job.height, width=job.width).tensor

@@ -1,0 +1,315 @@
+"""The ``shard`` and ``patch`` strategies: the input split into horizontal bands, one per rank.
+
+``shard`` makes every layer see what it would see untiled: :func:`install` swaps the loaded
+diffusers model's convolutions, GroupNorms and attention blocks for wrappers that, inside
+:func:`sharding`, exchange halo rows with the neighbouring bands, reduce GroupNorm statistics over
+all bands, and run attention over the gathered bands. Outside :func:`sharding` each wrapper calls
+the module it wraps, so the same model still runs untiled (and tiled) bit for bit as before.
+
+``patch`` runs the plain model on each band plus a margin of ``halo`` rows and keeps the core: no
+communication while decoding, at the price of seams where the margin is too small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vaepar import plan
+from vaepar.comm import Comm
+
+
+@dataclass(kw_only=True, slots=True)
+class Context:
+    """This rank's band among ``active`` ranks (ranks ``0..active-1``) and its traffic."""
+
+    comm: Comm
+    index: int
+    active: int
+    group: object = None
+    exchanges: int = 0
+    bytes_sent: int = 0
+    reductions: int = 0
+    gathers: int = 0
+
+    def exchange_rows(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """``x`` with ``top`` rows of the band above and ``bottom`` rows of the band below (dim -2);
+        zeros where there is no neighbour (the global edges, as zero padding)."""
+        if top == 0 and bottom == 0:
+            return x
+        assert x.shape[-2] >= max(top, bottom), "a band is thinner than a convolution's halo"
+        above = x.new_zeros((*x.shape[:-2], top, x.shape[-1]))
+        below = x.new_zeros((*x.shape[:-2], bottom, x.shape[-1]))
+        sends, recvs = [], []
+        if self.index > 0:
+            recvs += [(self.index - 1, above)] if top else []
+            sends += [(self.index - 1, x[..., :bottom, :])] if bottom else []
+        if self.index < self.active - 1:
+            recvs += [(self.index + 1, below)] if bottom else []
+            sends += [(self.index + 1, x[..., x.shape[-2] - top :, :])] if top else []
+        self.comm.exchange(sends, recvs)
+        self.exchanges += 1
+        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
+        return torch.cat([above, x, below], dim=-2)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the active ranks (in place)."""
+        dist.all_reduce(t, group=self.group)
+        self.reductions += 1
+        return t
+
+    def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All bands concatenated along dim -2 on every active rank, and where this band starts."""
+        rows = torch.tensor([x.shape[-2]], device=x.device)
+        counts = [torch.zeros_like(rows) for _ in range(self.active)]
+        dist.all_gather(counts, rows, group=self.group)
+        sizes = [int(c.item()) for c in counts]
+        padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[-2])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.active)]
+        dist.all_gather(parts, padded, group=self.group)
+        self.gathers += 1
+        full = torch.cat([p[..., :n, :] for p, n in zip(parts, sizes)], dim=-2)
+        return full, sum(sizes[: self.index])
+
+
+_current: Context | None = None
+
+
+@contextmanager
+def sharding(ctx: Context) -> Iterator[Context]:
+    """Within this block, installed wrappers work on bands."""
+    global _current
+    _current, previous = ctx, _current
+    try:
+        yield ctx
+    finally:
+        _current = previous
+
+
+class HaloConv2d(nn.Module):
+    """A 2-D convolution whose zero padding along H is replaced, between bands, by neighbours' rows.
+
+    ``pad`` = (top, bottom) rows the convolution pads along H; ``inner`` is what to call when not
+    sharding (the original module, or the original pad-then-convolve sequence).
+    """
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int], inner: nn.Module, w_pad: tuple[int, int] = (0, 0)) -> None:
+        super().__init__()
+        self.conv, self.pad, self.inner, self.w_pad = conv, pad, inner, w_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _current is None:
+            return self.inner(x)
+        x = _current.exchange_rows(x, *self.pad)
+        if self.w_pad != (0, 0):
+            x = F.pad(x, self.w_pad)
+        c = self.conv
+        return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+
+
+class HaloCausalConv3d(nn.Module):
+    """Wan's causal 3-D convolution: time cache per band, halo rows exchanged on the cache-extended
+    input, zero padding only at the global edges."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if _current is None:
+            return self.conv(x, cache_x)
+        c = self.conv
+        padding = list(c._padding)
+        if cache_x is not None and c._padding[4] > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            padding[4] -= cache_x.shape[2]
+        x = _current.exchange_rows(x, padding[2], padding[3])
+        padding[2] = padding[3] = 0
+        return F.conv3d(F.pad(x, padding), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+class ShardGroupNorm(nn.Module):
+    """GroupNorm with statistics over all bands: mean first, then the centred sum of squares."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _current is None:
+            return self.norm(x)
+        xf = x.float().reshape(x.shape[0], self.norm.num_groups, -1)
+        count, total = group_moments(xf)
+        mean = _current.all_reduce(total) / _current.all_reduce(count)
+        var = _current.all_reduce(centred_squares(xf, mean)) / count
+        return normalize(x, xf, mean, var, self.norm)
+
+
+def group_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, group): element count and sum of a band, in float32. ``xf``: (B, G, n)."""
+    count = torch.full(xf.shape[:2], float(xf.shape[-1]), device=xf.device)
+    return count, xf.sum(dim=-1)
+
+
+def centred_squares(xf: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per (batch, group): sum of squared deviations from the global ``mean``."""
+    return (xf - mean[..., None]).square().sum(dim=-1)
+
+
+def normalize(x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+              norm: nn.GroupNorm) -> torch.Tensor:
+    """Normalise with global (biased) statistics and apply the norm's affine transform."""
+    y = ((xf - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
+    return y.to(x.dtype)
+
+
+class GatheredAttention(nn.Module):
+    """Attention over all bands: gather along H, run the original block, keep this band's rows."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if _current is None:
+            return self.block(x, *args, **kwargs)
+        full, start = _current.gather_rows(x)
+        return self.block(full, *args, **kwargs)[..., start : start + x.shape[-2], :]
+
+
+def install(model: nn.Module) -> int:
+    """Swap the model's modules for band-aware wrappers, in place; returns how many were swapped."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
+    from diffusers.models.downsampling import Downsample2D
+
+    inside_attention = {id(d) for m in model.modules() if isinstance(m, (Attention, WanAttentionBlock))
+                        for d in m.modules()}
+    swapped = 0
+    for parent in list(model.modules()):
+        if id(parent) in inside_attention or isinstance(parent, _WRAPPERS):
+            continue
+        for name, child in list(parent.named_children()):
+            new = _wrap(child, Attention, WanAttentionBlock, WanCausalConv3d, Downsample2D)
+            if new is not None:
+                setattr(parent, name, new)
+                swapped += 1
+    return swapped
+
+
+def _wrap(m: nn.Module, attention: type, wan_attention: type, causal: type, down: type) -> nn.Module | None:
+    if isinstance(m, (attention, wan_attention)):
+        return GatheredAttention(m)
+    if isinstance(m, causal):
+        return HaloCausalConv3d(m)
+    if isinstance(m, nn.GroupNorm):
+        return ShardGroupNorm(m)
+    if isinstance(m, down) and m.use_conv and m.padding == 0 and m.norm is None:
+        return _ShardDownsample(m)
+    if _is_pad_then_stride2(m):  # Wan: Sequential(ZeroPad2d((0, 1, 0, 1)), Conv2d(stride 2))
+        return HaloConv2d(m[1], (0, 1), inner=m, w_pad=(0, 1))
+    if isinstance(m, nn.Conv2d) and m.stride[0] == 1 and isinstance(m.padding, tuple) and m.kernel_size[0] > 1:
+        return HaloConv2d(m, (m.padding[0], m.kernel_size[0] - 1 - m.padding[0]), inner=m)
+    return None
+
+
+def _is_pad_then_stride2(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.ZeroPad2d)
+            and tuple(m[0].padding) == (0, 1, 0, 1) and isinstance(m[1], nn.Conv2d) and m[1].stride == (2, 2))
+
+
+class _ShardDownsample(nn.Module):
+    """diffusers' Downsample2D with ``padding=0``: pads (0, 1, 0, 1), then a stride-2 convolution."""
+
+    def __init__(self, down: nn.Module) -> None:
+        super().__init__()
+        self.down = down
+        self.halo = HaloConv2d(down.conv, (0, 1), inner=down, w_pad=(0, 1))
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.down(x, *args, **kwargs) if _current is None else self.halo(x)
+
+
+_WRAPPERS = (GatheredAttention, HaloConv2d, HaloCausalConv3d, ShardGroupNorm, _ShardDownsample)
+
+
+@dataclass(kw_only=True, slots=True)
+class BandStats:
+    """What one rank did in a banded run (for --verbose)."""
+
+    band: tuple[int, int] = (0, 0)
+    exchanges: int = 0
+    bytes_sent: int = 0
+    reductions: int = 0
+    gathers: int = 0
+
+
+def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], int],
+        fn: Callable[[torch.Tensor], torch.Tensor], comm: Comm, *, halo: int | None = None,
+        groups: dict[int, object] | None = None) -> tuple[torch.Tensor | None, BandStats]:
+    """Run ``fn`` on this rank's band of ``x``; rank 0 returns all bands' outputs joined along H.
+
+    ``x`` has ``units * unit_in`` rows; a band of ``u`` units yields ``unit_out_of(u)`` output rows.
+    ``halo`` None: shard (exchange inside every layer); an int: patch with that many units of margin.
+    """
+    bands = plan.bands(units, comm.world)
+    stats = BandStats()
+    out = None
+    if comm.rank < len(bands):
+        a, b = bands[comm.rank]
+        stats.band = (a * unit_in, b * unit_in)
+        if halo is None:
+            out = _shard_band(x, a, b, unit_in, fn, comm, len(bands), stats, groups)
+        else:
+            lo, hi = max(0, a - halo), min(units, b + halo)
+            full = fn(x[..., lo * unit_in : hi * unit_in, :])
+            start = unit_out_of(a - lo)
+            out = full[..., start : start + unit_out_of(b - a), :]
+    elif comm.world > 1 and halo is None:
+        _group(comm, len(bands), groups)  # new_group is collective over all ranks
+    return _gather_bands(out, [unit_out_of(b - a) for a, b in bands], comm), stats
+
+
+def _shard_band(x: torch.Tensor, a: int, b: int, unit_in: int, fn: Callable[[torch.Tensor], torch.Tensor],
+                comm: Comm, active: int, stats: BandStats, groups: dict[int, object] | None) -> torch.Tensor:
+    ctx = Context(comm=comm, index=comm.rank, active=active, group=_group(comm, active, groups))
+    band = x[..., a * unit_in : b * unit_in, :]
+    if active == 1:
+        return fn(band)
+    with sharding(ctx):
+        out = fn(band)
+    stats.exchanges, stats.bytes_sent = ctx.exchanges, ctx.bytes_sent
+    stats.reductions, stats.gathers = ctx.reductions, ctx.gathers
+    return out
+
+
+def _group(comm: Comm, active: int, groups: dict[int, object] | None) -> object:
+    """The process group of ranks ``0..active-1`` (None: the whole world), made once per size."""
+    if comm.world == 1 or active == comm.world:
+        return None
+    cache = groups if groups is not None else {}
+    if active not in cache:
+        cache[active] = dist.new_group(list(range(active)))
+    return cache[active]
+
+
+def _gather_bands(out: torch.Tensor | None, rows: list[int], comm: Comm) -> torch.Tensor | None:
+    """Rank 0 receives every band's output rows and joins them; the others send theirs."""
+    if comm.rank != 0:
+        if out is not None:
+            comm.exchange([(0, out)], [])
+        return None
+    assert out is not None
+    parts = [out] + [torch.empty((*out.shape[:-2], n, out.shape[-1]), dtype=out.dtype, device=out.device)
+                     for n in rows[1:]]
+    comm.exchange([], [(r, parts[r]) for r in range(1, len(rows))])
+    return torch.cat(parts, dim=-2)
