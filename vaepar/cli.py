@@ -294,6 +294,84 @@ def encode(
              sample=sample, seed=seed)
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise VaeparError(f"worker counts must be integers separated by commas, got '{text}'") from None
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise VaeparError(f"--resolution must be N or HxW in pixels, got '{text}'") from None
+
+
+def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames: int | None, batch: int,
+           nproc: str, gpus: str | None, device: str | None, strategies: str, repeats: int, warmup: int,
+           task: str, dtype: str | None, tile_size: int | None, tile_overlap: float, halo: int,
+           json_path: Path | None, show_plan: bool) -> None:
+    from vaepar import bench, report
+    from vaepar.vae import architecture
+
+    spec = resolve(model, subfolder) if model else architecture("wan-vae" if frames else "sd-vae")
+    counts = _counts(gpus if gpus is not None else nproc)
+    device = "cuda" if gpus is not None else device
+    if not show_plan:
+        _resolve_device(Workers(nproc=max(counts, default=1), gpus=None, device=device, threads=None,
+                                nnodes=1, node_rank=0, rdzv_endpoint=None))
+    device = device or ("cuda" if not show_plan and __import__("torch").cuda.is_available() else "cpu")
+    cfg = worker.WorkerConfig(model=spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
+                              tile_size=tile_size, tile_overlap=tile_overlap, halo=halo, show_progress=False)
+    b = bench.BenchConfig(cfg=cfg, task=task, shape=bench.input_shape(spec, task, _resolution(resolution), frames, batch),
+                          counts=counts, strategies=tuple(v.strip() for v in strategies.split(",") if v.strip()),
+                          repeats=repeats, warmup=warmup)
+    out = Console()
+    if show_plan:
+        rows = bench.plan_rows(b)
+        report.print_plan(rows, b, out)
+        doc = {"model": spec.name, "task": task, "latent_shape": list(b.latent_shape), "dtype": cfg.dtype, "plan": rows}
+    else:
+        doc = bench.measure(b)
+        report.print_bench(doc, out)
+    if json_path is not None:
+        report.write_doc(json_path, doc)
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help=(
+        "Model as for decode. Default: the SD VAE architecture (configs/architectures/sd-vae.json; "
+        "wan-vae.json with --frames) with random weights, no download."))] = None,
+    subfolder: Subfolder = None,
+    resolution: Annotated[str, typer.Option(help="Pixel size of the image or video: N or HxW.")] = "1024",
+    frames: Annotated[int | None, typer.Option(help="Video frames (1 + 4k): benchmark a video (Wan) model.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    nproc: Annotated[str, typer.Option(help="Worker counts, comma-separated.")] = "1,2",
+    gpus: Annotated[str | None, typer.Option(help="GPU worker counts, comma-separated (implies --device cuda).")] = None,
+    device: Device = None,
+    strategies: Annotated[str, typer.Option(help="Strategies, comma-separated.")] = "none,tiled,patch,shard",
+    repeats: Annotated[int, typer.Option(help="Timed runs per strategy (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    task: Annotated[str, typer.Option(help="decode or encode.")] = "decode",
+    dtype: Dtype = None,
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = 0.25,
+    halo: Halo = 8,
+    json_path: JsonPath = None,
+    show_plan: Annotated[bool, typer.Option("--plan", help=(
+        "Compute nothing: predict imbalance, work, bytes sent and activation memory per rank for any "
+        "worker counts (e.g. --nproc 1,2,4,8,16,32,64)."))] = False,
+) -> None:
+    """Benchmark strategies x worker counts: time, peak memory, speedup, error; or --plan them."""
+    _guarded(_bench, model=model, subfolder=subfolder, resolution=resolution, frames=frames, batch=batch,
+             nproc=nproc, gpus=gpus, device=device, strategies=strategies, repeats=repeats, warmup=warmup,
+             task=task, dtype=dtype, tile_size=tile_size, tile_overlap=tile_overlap, halo=halo,
+             json_path=json_path, show_plan=show_plan)
+
+
 @app.command("presets")
 def presets_cmd() -> None:
     """List the named models usable with --model."""

@@ -74,6 +74,13 @@ class Comm:
         dist.broadcast(buf, src=0)
         return buf
 
+    def barrier(self) -> None:
+        """Wait for every rank (and, on CUDA, for this rank's queued work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world > 1:
+            dist.barrier()
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (meaningful on rank 0)."""
         if self.world == 1:

@@ -167,11 +167,52 @@ def print_summary(reports: list[JobReport], console: Console, verbose: bool = Fa
 
 def write_json(path: Path, reports: list[JobReport], extra: dict[str, Any]) -> None:
     """The machine-readable summary: inputs, outputs, timings, per-rank peak memory."""
-    doc = {**extra, "jobs": [asdict(r) for r in reports],
-           "peak_mem_bytes": max((s.peak_mem_bytes for r in reports for s in r.ranks), default=0)}
+    write_doc(path, {**extra, "jobs": [asdict(r) for r in reports],
+                     "peak_mem_bytes": max((s.peak_mem_bytes for r in reports for s in r.ranks), default=0)})
+
+
+def write_doc(path: Path, doc: dict[str, Any]) -> None:
     from vaepar.outputs import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_bench(doc: dict[str, Any], console: Console) -> None:
+    """The measured table: one row per strategy and worker count."""
+    table = Table(title=f"vaepar bench: {doc['model']}, {doc['task']} latents {doc['latent_shape']}, "
+                        f"{doc['dtype']}, on {doc['device']}")
+    for col in ("strategy", "n", "median s", "peak mem", "speedup", "eff.", "max|err|", "work"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    for r in doc["runs"]:
+        mem = r["peak_mem_bytes"]
+        table.add_row(r["strategy"], str(r["nproc"]), _num(r["seconds"], ".3f"),
+                      "-" if mem is None else human_bytes(mem), _num(r["speedup"], ".2f"),
+                      _num(r["efficiency"], ".2f"), _num(r["max_abs_err"], ".1e"), _num(r["work"] or None, ".2f"))
+    console.print(table)
+    for r in doc["runs"]:
+        if r["note"]:
+            console.print(f"{r['strategy']} x{r['nproc']}: {r['note']}")
+    for note in doc["notes"]:
+        console.print(f"note: {note}")
+
+
+def print_plan(rows: list[dict[str, Any]], bench: Any, console: Console) -> None:
+    """The predicted table of ``vaepar bench --plan``."""
+    table = Table(title=f"vaepar plan: {bench.cfg.model.name}, {bench.task} latents {list(bench.latent_shape)}, "
+                        f"{bench.cfg.dtype} (nothing computed)")
+    for col in ("strategy", "n", "imbalance", "work", "sent/rank", "exchanges", "activations/rank"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["strategy"], str(r["nproc"]), f"{r['imbalance']:.2f}", f"{r['work']:.2f}",
+                      human_bytes(r["bytes_sent_per_rank"]), str(r["exchanges"]),
+                      human_bytes(r["activation_bytes_per_rank"]))
+    console.print(table)
+    console.print("imbalance: heaviest rank's work over the mean; activations: largest layer input + output "
+                  "on the busiest rank (an estimate of the activation peak, weights excluded)")
 
 
 class Stopwatch:

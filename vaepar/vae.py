@@ -30,10 +30,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def presets() -> dict[str, dict[str, Any]]:
     """The named models of ``configs/presets.toml`` (the checkout's, else the installed copy)."""
-    source = Path(__file__).resolve().parent.parent / "configs" / "presets.toml"
-    if source.is_file():
-        return tomllib.loads(source.read_text())
-    return tomllib.loads(resources.files("vaepar.configs").joinpath("presets.toml").read_text())
+    return tomllib.loads(_config_file("presets.toml").read_text())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,6 +43,7 @@ class ModelSpec:
     local: bool
     config: dict[str, Any] = field(hash=False)
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    random_weights: bool = False
 
     @property
     def class_name(self) -> str:
@@ -73,6 +71,21 @@ class ModelSpec:
     def factor(self, key: str) -> Any:
         """A latent factor (scaling/shift/mean/std): preset override, else the config's."""
         return self.overrides.get(key, self.config.get(key))
+
+
+def architecture(name: str) -> ModelSpec:
+    """A model architecture from ``configs/architectures/NAME.json``, with random weights (for
+    benchmarks: timing does not depend on weights)."""
+    config = json.loads(_config_file("architectures", f"{name}.json").read_text())
+    return ModelSpec(name=f"{name} (random weights)", source="", subfolder="", local=True, config=config,
+                     random_weights=True)
+
+
+def _config_file(*parts: str) -> Path:
+    source = Path(__file__).resolve().parent.parent / "configs"
+    if source.is_dir():
+        return source.joinpath(*parts)
+    return Path(str(resources.files("vaepar.configs").joinpath(*parts)))
 
 
 def resolve(name: str, subfolder: str | None = None) -> ModelSpec:
@@ -156,6 +169,10 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
     import diffusers
 
     cls = getattr(diffusers, spec.class_name)
+    if spec.random_weights:
+        torch.manual_seed(0)
+        vae = cls.from_config(spec.config).to(device)
+        return (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
     try:
         vae = cls.from_pretrained(spec.source, subfolder=spec.subfolder or None, torch_dtype=dtype)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...

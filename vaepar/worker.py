@@ -7,8 +7,9 @@ reports. A :class:`Worker` outlives its jobs so that a server can feed it more.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,6 +87,38 @@ class EncodeJob:
     frames: int | None = None
     fit: str | None = None
     model_ref: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchJob:
+    """Time one strategy on a random input of ``shape`` (latents for decode, pixels for encode).
+
+    ``reference``: a file with the untiled result; written by a ``none`` job with ``write_reference``,
+    read by the others to measure their error.
+    """
+
+    task: str
+    strategy: str
+    shape: tuple[int, ...]
+    repeats: int = 3
+    warmup: int = 1
+    reference: Path | None = None
+    write_reference: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchResult:
+    """One strategy at one worker count, as rank 0 measured it."""
+
+    strategy: str
+    nproc: int
+    seconds: float | None
+    times: list[float]
+    ranks: list[RankStats]
+    parts: int
+    work: float
+    max_abs_err: float | None = None
+    note: str = ""
 
 
 def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 1) -> tuple[str, plan.Grid]:
@@ -212,6 +245,46 @@ class Worker:
         stats.band, stats.exchanges, stats.bytes_sent = list(band.band), band.exchanges, band.bytes_sent
         return out
 
+    @torch.inference_mode()
+    def bench(self, job: BenchJob) -> BenchResult | None:
+        """Run one strategy ``warmup + repeats`` times; rank 0 returns the median and the error."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(job.shape, generator=g) if job.task == "decode" else torch.rand(job.shape, generator=g) * 2 - 1
+        x = self.comm.broadcast(x.to(self.dtype) if self.comm.rank == 0 else None)
+        if job.task == "encode":
+            x = self.family.prepare_encode(x)
+        cfg = replace(self.cfg, strategy=job.strategy)
+        strategy, grid = plan_job(cfg, job.task, tuple(x.shape), self.comm.world)
+        times, ranks, out, parts = [], [], None, 0
+        for i in range(job.warmup + job.repeats):
+            self.comm.barrier()
+            clock = Stopwatch()
+            out, stats, parts = self._run(job.task, strategy, x, grid, f"{strategy} {i + 1}")
+            self.comm.barrier()
+            if i >= job.warmup:
+                times.append(clock.elapsed())
+                ranks = stats if not ranks else [_max_peak(a, b) for a, b in zip(ranks, stats)]
+        if self.comm.rank != 0:
+            return None
+        result = self.family.finish_decode(out) if job.task == "decode" else self.family.latents(out, sample=False, seed=None)
+        err = self._reference_error(job, result.float())
+        work = bench_work(strategy, grid, latent_rows(self.cfg.model, job.task, x.shape[-2]), self.comm.world, self.cfg.halo)
+        return BenchResult(strategy=strategy, nproc=self.comm.world, seconds=statistics.median(times),
+                           times=times, ranks=ranks, parts=parts, work=work, max_abs_err=err)
+
+    def _reference_error(self, job: BenchJob, result: torch.Tensor) -> float | None:
+        from safetensors.torch import load_file, save_file
+
+        if job.reference is None:
+            return None
+        if job.write_reference:
+            save_file({"sample": result.cpu().contiguous()}, str(job.reference))
+            return 0.0
+        if not job.reference.exists():
+            return None
+        ref = load_file(job.reference)["sample"].to(result.device)
+        return float((result - ref).abs().max())
+
     def _read_latents(self, job: DecodeJob) -> torch.Tensor:
         z = latents.load(job.source, self.cfg.model, height=job.height, width=job.width).tensor
         z = z.to(self.comm.device, self.dtype)
@@ -234,11 +307,28 @@ def pixel_shape(x: torch.Tensor, meta: dict[str, str]) -> list[int]:
     return [x.shape[0], 3, *([int(meta["frames"])] if "frames" in meta else []), *size]
 
 
-def main(cfg: WorkerConfig, jobs: list[DecodeJob | EncodeJob]) -> list[JobReport] | None:
+def _max_peak(a: RankStats, b: RankStats) -> RankStats:
+    return a if a.peak_mem_bytes >= b.peak_mem_bytes else b
+
+
+def bench_work(strategy: str, grid: plan.Grid, rows: int, world: int, halo: int) -> float:
+    """Input area processed (overlaps, margins) over the input area."""
+    if strategy == "tiled":
+        return grid.amplification()
+    if strategy == "patch":
+        return sum(min(rows, b + halo) - max(0, a - halo) for a, b in plan.bands(rows, world)) / rows
+    return 1.0
+
+
+Job = DecodeJob | EncodeJob | BenchJob
+
+
+def main(cfg: WorkerConfig, jobs: list[Job]) -> list[JobReport | BenchResult] | None:
     """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports."""
     worker = Worker(cfg)
+    run = {DecodeJob: worker.decode, EncodeJob: worker.encode, BenchJob: worker.bench}
     try:
-        reports = [worker.decode(j) if isinstance(j, DecodeJob) else worker.encode(j) for j in jobs]
+        reports = [run[type(j)](j) for j in jobs]
     finally:
         worker.close()
     return None if worker.comm.rank != 0 else [r for r in reports if r is not None]
