@@ -82,6 +82,12 @@ class Run:
     halo: int
     verbose: bool
 
+    @staticmethod
+    def of(options: dict[str, Any]) -> Run:
+        """From a command's parameters (its ``locals()``), by field name."""
+        workers = Workers(**{f: options[f] for f in Workers.__dataclass_fields__})
+        return Run(workers=workers, **{f: options[f] for f in Run.__dataclass_fields__ if f != "workers"})
+
 
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -242,11 +248,7 @@ def decode(
 
     Without --model, the model named in the first file's metadata is used.
     """
-    run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
-                              node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
-              strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
-              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet,
-              halo=halo, verbose=verbose)
+    run = Run.of(locals())
     _guarded(_decode, latents_in, out=out, model=model, subfolder=subfolder, run=run, height=height, width=width,
              fmt=fmt, fps=fps, quality=quality)
 
@@ -285,11 +287,7 @@ def encode(
     rdzv_endpoint: RdzvEndpoint = None,
 ) -> None:
     """Encode images or videos into latents (.safetensors) that `vaepar decode` reads back."""
-    run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=nnodes,
-                              node_rank=node_rank, rdzv_endpoint=rdzv_endpoint),
-              strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=raw,
-              scaling_factor=scaling_factor, shift_factor=shift_factor, dtype=dtype, json_path=json_path, quiet=quiet,
-              halo=halo, verbose=verbose)
+    run = Run.of(locals())
     _guarded(_encode, inputs, out=out, model=model, subfolder=subfolder, run=run, frames=frames, fit=fit,
              sample=sample, seed=seed)
 
