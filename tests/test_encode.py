@@ -61,8 +61,12 @@ def models(kl_models: dict[str, Path], wan_models: dict[str, Path]) -> dict[str,
     return {**kl_models, **wan_models}
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
-@pytest.mark.parametrize("model", list(CASES))
+# Three workers on the 4-channel KL and Wan 2.2 models; one and two on all (worker start-up is
+# the cost here).
+MATRIX = [(m, n) for m in CASES for n in (1, 2, 3) if n < 3 or m in ("kl4", "wan22")]
+
+
+@pytest.mark.parametrize("model,nproc", MATRIX)
 def test_tiled_encode_is_bit_identical_to_diffusers(models: dict[str, Path], tmp_path: Path, model: str, nproc: int) -> None:
     g = torch.Generator().manual_seed(nproc)
     xs = {name: torch.rand(shape, generator=g) * 2 - 1 for name, shape in CASES[model].items()}
