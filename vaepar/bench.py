@@ -222,14 +222,18 @@ def plan_rows(bench: BenchConfig) -> list[dict[str, Any]]:
     x = torch.empty(bench.shape, device="meta", dtype=dtype)
     if bench.task == "encode":
         x = family.prepare_encode(x)
-    if x.ndim == 5:  # frame-by-frame models: one step holds the steady-state activations
+    steps = family.steps(x, bench.task)
+    if x.ndim == 5:  # frame-by-frame models: run the first steps, scale traffic to all of them
         x = x[:, :, : min(x.shape[2], 5 if bench.task == "encode" else 2)]
+    scale = steps / family.steps(x, bench.task)
     rows = worker.latent_rows(cfg.model, bench.task, x.shape[-2])
     unit_in = 1 if bench.task == "decode" else cfg.model.scale // patch_size(cfg.model)
     out = []
     for strategy in bench.strategies:
         for n in bench.counts:
             row = _plan_one(family, bench, strategy, n, x, rows, unit_in)
+            row["bytes_sent_per_rank"] = round(row["bytes_sent_per_rank"] * scale)
+            row["exchanges"] = round(row["exchanges"] * scale)
             out.append({"strategy": strategy, "nproc": n, **row})
     return out
 

@@ -211,8 +211,9 @@ def print_plan(rows: list[dict[str, Any]], bench: Any, console: Console) -> None
                       human_bytes(r["bytes_sent_per_rank"]), str(r["exchanges"]),
                       human_bytes(r["activation_bytes_per_rank"]))
     console.print(table)
-    console.print("imbalance: heaviest rank's work over the mean; activations: largest layer input + output "
-                  "on the busiest rank (an estimate of the activation peak, weights excluded)")
+    console.print("imbalance: heaviest rank's work over the mean; sent/rank: halo strips or halo rows plus "
+                  "the rank's part of the result; activations: largest layer input + output on the busiest "
+                  "rank (an estimate of the activation peak, weights excluded; video: per frame step)")
 
 
 class Stopwatch:
