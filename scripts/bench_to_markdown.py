@@ -1,0 +1,52 @@
+"""Render `vaepar bench --json` (measured or --plan) files as Markdown tables for docs/benchmarks.md.
+
+Usage: python scripts/bench_to_markdown.py docs/bench-sd-1024-cpu.json [more.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from vaepar.report import human_bytes
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def measured(doc: dict) -> str:
+    lines = [f"{doc['model']}, {doc['task']} of latents {doc['latent_shape']}, {doc['dtype']}, "
+             f"median of {doc['repeats']} after {doc['warmup']} warm-up, on {doc['device']}", "",
+             "| strategy | workers | median s | peak mem / rank | speedup | efficiency | max abs err | work |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["runs"]:
+        mem = "–" if r["peak_mem_bytes"] is None else human_bytes(r["peak_mem_bytes"])
+        lines.append(f"| {r['strategy']} | {r['nproc']} | {_f(r['seconds'], '.2f')} | {mem} | "
+                     f"{_f(r['speedup'], '.2f')} | {_f(r['efficiency'], '.2f')} | {_f(r['max_abs_err'], '.1e')} | "
+                     f"{_f(r['work'] or None, '.2f')} |")
+    lines += [f"\n{n}" for n in doc.get("notes", [])]
+    return "\n".join(lines)
+
+
+def planned(doc: dict) -> str:
+    lines = [f"{doc['model']}, {doc['task']} of latents {doc['latent_shape']}, {doc['dtype']} (predicted)", "",
+             "| strategy | workers | imbalance | work | sent / rank | halo exchanges | activations / rank |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["plan"]:
+        lines.append(f"| {r['strategy']} | {r['nproc']} | {r['imbalance']:.2f} | {r['work']:.2f} | "
+                     f"{human_bytes(r['bytes_sent_per_rank'])} | {r['exchanges']} | "
+                     f"{human_bytes(r['activation_bytes_per_rank'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for name in sys.argv[1:]:
+        doc = json.loads(Path(name).read_text())
+        print(planned(doc) if "plan" in doc else measured(doc))
+        print()
+
+
+if __name__ == "__main__":
+    main()
