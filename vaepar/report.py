@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import threading
@@ -18,12 +20,21 @@ from rich.table import Table
 from vaepar.comm import Comm
 
 
-def _status_kib(field_name: str) -> int:
+def _status_bytes(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so that a job reusing them still shows in RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS deltas may then undercount reused memory
+        pass
 
 
 class MemoryMeter:
@@ -37,18 +48,19 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _release_free_heap()
         try:  # writing 5 resets the kernel's high-water mark (VmHWM) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except OSError:
             pass
-        self.baseline = _status_kib("VmRSS")
+        self.baseline = _status_bytes("VmRSS")
 
     def peak(self) -> int:
         """Bytes: allocator peak on CUDA; on CPU, peak RSS since :meth:`start` minus its baseline."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return max(0, _status_kib("VmHWM") - self.baseline)
+        return max(0, _status_bytes("VmHWM") - self.baseline)
 
 
 @dataclass(kw_only=True, slots=True)
