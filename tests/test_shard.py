@@ -310,6 +310,10 @@ class BandSim:
         self.exchanges += 1
         return F.pad(self.full, (0, 0, top, bottom))[..., self.a : self.b + top + bottom, :]
 
+    def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = self.exchange_rows(x, top, bottom)
+        return padded[..., :top, :], padded[..., padded.shape[-2] - bottom :, :]
+
 
 CONV_CASES = ("k1_s1", "k3_s1", "k1_s2", "k3_s2_pad1", "k3_s2_downsample", "k3_s2_wan_resample")
 ROW_BANDS = [(0, 1), (1, 6), (6, 14)]   # 14 rows, uneven, one band a single row

@@ -43,6 +43,12 @@ class Context:
         zeros where there is no neighbour (the global edges, as zero padding)."""
         if top == 0 and bottom == 0:
             return x
+        above, below = self.halos(x, top, bottom)
+        return torch.cat([above, x, below], dim=-2)
+
+    def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``top`` rows of the band above and the ``bottom`` rows of the band below; zeros where
+        there is no neighbour."""
         assert x.shape[-2] >= max(top, bottom), "a band is thinner than a convolution's halo"
         above = x.new_zeros((*x.shape[:-2], top, x.shape[-1]))
         below = x.new_zeros((*x.shape[:-2], bottom, x.shape[-1]))
@@ -56,7 +62,7 @@ class Context:
         self.comm.exchange(sends, recvs)
         self.exchanges += 1
         self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
-        return torch.cat([above, x, below], dim=-2)
+        return above, below
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the active ranks (in place)."""
@@ -106,11 +112,31 @@ class HaloConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _current is None:
             return self.inner(x)
+        c = self.conv
+        if self._pads_evenly() and x.shape[-2] >= c.kernel_size[0] - 1:
+            return self._patched(x)
         x = _current.exchange_rows(x, *self.pad)
         if self.w_pad != (0, 0):
             x = F.pad(x, self.w_pad)
-        c = self.conv
         return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+
+    def _pads_evenly(self) -> bool:
+        c = self.conv
+        return (self.w_pad == (0, 0) and self.pad[0] == self.pad[1] == c.padding[0] > 0
+                and c.padding_mode == "zeros" and c.stride == (1, 1) and c.dilation == (1, 1))
+
+    def _patched(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve the band with zero padding, then redo the ``p`` rows at each end with the
+        neighbours' rows: no padded copy of the band, so a rank holds about 1/N of the untiled
+        layer's memory."""
+        c, p, k = self.conv, self.pad[0], self.conv.kernel_size[0]
+        above, below = _current.halos(x, p, p)
+        out = c(x)
+        edge = (0, c.padding[1])
+        out[..., :p, :] = F.conv2d(torch.cat([above, x[..., : k - 1, :]], dim=-2), c.weight, c.bias, 1, edge)
+        out[..., -p:, :] = F.conv2d(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2),
+                                    c.weight, c.bias, 1, edge)
+        return out
 
 
 class HaloCausalConv3d(nn.Module):
@@ -158,18 +184,25 @@ def group_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def centred_squares(xf: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Per (batch, group): sum of squared deviations from the global ``mean``."""
-    return (xf - mean[..., None]).square().sum(dim=-1)
+    """Per (batch, group): sum of squared deviations from the global ``mean``, one group at a time
+    so the temporary is 1/G of the band."""
+    out = torch.empty_like(mean)
+    for g in range(xf.shape[1]):
+        out[:, g] = (xf[:, g] - mean[:, g, None]).square().sum(dim=-1)
+    return out
 
 
 def normalize(x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
               norm: nn.GroupNorm) -> torch.Tensor:
-    """Normalise with global (biased) statistics and apply the norm's affine transform."""
-    y = ((xf - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+    """Normalise with global (biased) statistics and apply the norm's affine transform, folded into
+    one per-channel scale and shift: a single output tensor, like the fused GroupNorm kernel."""
+    b, c = x.shape[:2]
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(c // norm.num_groups, dim=1)  # (B, C)
+    shift = -mean.repeat_interleave(c // norm.num_groups, dim=1) * scale
     if norm.affine:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
-    return y.to(x.dtype)
+        scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
+    view = (b, c) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.view(view), xf.view(x.shape), scale.view(view)).to(x.dtype)
 
 
 class GatheredAttention(nn.Module):
