@@ -1,7 +1,9 @@
-"""Time diffusers' own tiled decode against `vaepar bench`'s tiled strategy on one worker.
+"""Time diffusers' own tiled decode against vaepar's tiled strategy on one worker, interleaved.
 
 Same architecture (configs/architectures/sd-vae.json, random weights), same latent, same tile
-settings, same threads. Usage: python scripts/compare_diffusers_tiled.py --resolution 1024 --tile-size 512
+settings, same threads, one process. The two alternate in A-B-B-A order so that the drift of a
+shared or throttled machine falls on both alike; the ratio is taken per round.
+Usage: python scripts/compare_diffusers_tiled.py --resolution 512 --tile-size 256 --rounds 6
 """
 
 from __future__ import annotations
@@ -16,35 +18,60 @@ from vaepar import bench, launch, worker
 from vaepar.vae import architecture, load
 
 
-def diffusers_tiled(resolution: int, tile: int, repeats: int) -> list[float]:
-    spec = architecture("sd-vae")
-    vae = load(spec, torch.device("cpu"), torch.float32)
+def diffusers_vae(tile: int) -> torch.nn.Module:
+    """The SD VAE architecture, tiled exactly as ``--tile-size tile --tile-overlap 0.25``."""
+    vae = load(architecture("sd-vae"), torch.device("cpu"), torch.float32)
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = tile, tile // 8, 0.25
-    z = torch.randn((1, 4, resolution // 8, resolution // 8), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            vae.decode(z)
-            times.append(time.perf_counter() - t0)
-    return times[1:]
+    return vae
+
+
+@torch.inference_mode()
+def time_diffusers(vae: torch.nn.Module, z: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    vae.decode(z)
+    return time.perf_counter() - t0
+
+
+def time_vaepar(w: worker.Worker, shape: tuple[int, ...]) -> float:
+    job = worker.BenchJob(task="decode", strategy="tiled", shape=shape, repeats=1, warmup=0)
+    result = w.bench(job)
+    assert result is not None and result.seconds is not None
+    return result.seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--resolution", type=int, default=1024)
-    ap.add_argument("--tile-size", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--tile-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     torch.set_num_threads(launch.default_threads(1))
-    theirs = statistics.median(diffusers_tiled(args.resolution, args.tile_size, args.repeats))
-    cfg = worker.WorkerConfig(model=architecture("sd-vae"), tile_size=args.tile_size, show_progress=False)
-    b = bench.BenchConfig(cfg=cfg, task="decode", shape=(1, 4, args.resolution // 8, args.resolution // 8),
-                          counts=(1,), strategies=("tiled",), repeats=args.repeats, warmup=1)
-    ours = bench.measure(b)["runs"][0]["seconds"]
-    print(f"diffusers tiled decode: {theirs:.3f} s; vaepar tiled, 1 worker: {ours:.3f} s; "
-          f"ratio {ours / theirs:.3f} ({torch.get_num_threads()} threads, {bench.device_name('cpu')})")
+    shape = (1, 4, args.resolution // 8, args.resolution // 8)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    vae = diffusers_vae(args.tile_size)
+    w = worker.Worker(worker.WorkerConfig(model=architecture("sd-vae"), tile_size=args.tile_size,
+                                          show_progress=False, threads=launch.default_threads(1)))
+    time_diffusers(vae, z)  # warm-up: first-call allocations and thread start-up
+    time_vaepar(w, shape)
+    theirs, ours = [], []
+    for r in range(args.rounds):
+        if r % 2 == 0:
+            theirs.append(time_diffusers(vae, z))
+            ours.append(time_vaepar(w, shape))
+        else:
+            ours.append(time_vaepar(w, shape))
+            theirs.append(time_diffusers(vae, z))
+        print(f"round {r + 1}: diffusers {theirs[-1]:.2f} s, vaepar {ours[-1]:.2f} s, "
+              f"ratio {ours[-1] / theirs[-1]:.3f}", flush=True)
+    ratios = [o / t for o, t in zip(ours, theirs)]
+    print(f"{args.resolution}x{args.resolution}, tile {args.tile_size}, {torch.get_num_threads()} threads, "
+          f"{bench.device_name('cpu')}, {args.rounds} rounds")
+    print(f"median: diffusers {statistics.median(theirs):.2f} s, vaepar {statistics.median(ours):.2f} s; "
+          f"best: diffusers {min(theirs):.2f} s, vaepar {min(ours):.2f} s")
+    print(f"vaepar / diffusers per round: median {statistics.median(ratios):.3f}, "
+          f"best-to-best {min(ours) / min(theirs):.3f}")
+    w.close()
 
 
 if __name__ == "__main__":
