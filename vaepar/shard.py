@@ -151,13 +151,29 @@ class HaloCausalConv3d(nn.Module):
         if _current is None:
             return self.conv(x, cache_x)
         c = self.conv
-        padding = list(c._padding)
-        if cache_x is not None and c._padding[4] > 0:
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            padding[4] -= cache_x.shape[2]
-        x = _current.exchange_rows(x, padding[2], padding[3])
-        padding[2] = padding[3] = 0
-        return F.conv3d(F.pad(x, padding), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        pw, _, top, bottom, front, _ = c._padding
+        cache = cache_x.to(x.device) if cache_x is not None and front > 0 else None
+        padded = self._padded_input(x, cache, pw, top, bottom, front)
+        return F.conv3d(padded, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+    @staticmethod
+    def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, pw: int, top: int, bottom: int,
+                      front: int) -> torch.Tensor:
+        """Zero front frames, the time cache, ``x``, the neighbours' rows and zero columns, written
+        into one buffer: a single band-sized copy where concatenating and padding make three."""
+        tc = 0 if cache is None else cache.shape[2]
+        assert tc <= front, "the time cache is longer than the causal padding"
+        *lead, t, h, w = x.shape
+        buf = x.new_zeros((*lead, front + t, h + top + bottom, w + 2 * pw))
+        rows, cols = slice(top, top + h), slice(pw, pw + w)
+        if cache is not None:
+            buf[..., front - tc : front, rows, cols] = cache
+        buf[..., front:, rows, cols] = x
+        if top or bottom:
+            above, below = _current.halos(buf[..., front - tc :, rows, cols], top, bottom)
+            buf[..., front - tc :, :top, cols] = above
+            buf[..., front - tc :, top + h :, cols] = below
+        return buf
 
 
 class ShardGroupNorm(nn.Module):
