@@ -16,6 +16,10 @@ def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _seconds(v: float | None) -> str:
+    return _f(v, ".3f" if v is not None and v < 10 else ".2f")
+
+
 def measured(doc: dict) -> str:
     lines = [f"{doc['model']}, {doc['task']} of latents {doc['latent_shape']}, {doc['dtype']}, "
              f"median of {doc['repeats']} after {doc['warmup']} warm-up, on {doc['device']}", "",
@@ -23,7 +27,7 @@ def measured(doc: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:
         mem = "–" if r["peak_mem_bytes"] is None else human_bytes(r["peak_mem_bytes"])
-        lines.append(f"| {r['strategy']} | {r['nproc']} | {_f(r['seconds'], '.2f')} | {mem} | "
+        lines.append(f"| {r['strategy']} | {r['nproc']} | {_seconds(r['seconds'])} | {mem} | "
                      f"{_f(r['speedup'], '.2f')} | {_f(r['efficiency'], '.2f')} | {_f(r['max_abs_err'], '.1e')} | "
                      f"{_f(r['work'] or None, '.2f')} |")
     lines += [f"\n{n}" for n in doc.get("notes", [])]

@@ -171,8 +171,9 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
     cls = getattr(diffusers, spec.class_name)
     if spec.random_weights:
         torch.manual_seed(0)
-        vae = cls.from_config(spec.config).to(device)
-        return (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
+        vae = cls.from_config(spec.config)
+        # nn.Module.to: diffusers' own .to warns about float32 modules this architecture lacks.
+        return torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
     try:
         vae = cls.from_pretrained(spec.source, subfolder=spec.subfolder or None, torch_dtype=dtype)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...
