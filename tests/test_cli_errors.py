@@ -57,11 +57,12 @@ def decode(*args: str | Path, device: str | None = "cpu") -> Result:
     return CliRunner().invoke(cli.app, argv)
 
 
-def assert_fails(result: Result, out_dir: Path, launches: list[object], *fragments: str) -> str:
-    """Exit code 1, one ``error:`` line on stderr naming ``fragments``, nothing written."""
+def assert_fails(result: Result, out_dir: Path, launches: list[object], *fragments: str, code: int = 1) -> str:
+    """Exit ``code`` (1: bad input; 2: bad option), one ``error:`` line on stderr naming
+    ``fragments``, nothing written."""
     assert "Traceback" not in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"error message is not one line: {result.stderr!r}"
@@ -230,11 +231,44 @@ OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra, fragments", OPTION_CASES)
+# Options that contradict each other or would be ignored: errors, never silently dropped.
+CONFLICT_CASES = [
+    pytest.param(["--gpus", "2", "--nproc", "3"], ["--gpus 2 already sets the number of workers; drop --nproc 3"],
+                 id="gpus-and-nproc"),
+    pytest.param(["--halo", "4"], ["--halo applies to --strategy patch only, not auto"], id="halo-without-patch"),
+    pytest.param(["--strategy", "shard", "--tile-size", "32"], ["--tile-size applies to --strategy tiled or auto"],
+                 id="tile-size-with-shard"),
+    pytest.param(["--strategy", "patch", "--tile-overlap", "0.1"], ["--tile-overlap applies to", "not patch"],
+                 id="tile-overlap-with-patch"),
+    pytest.param(["--raw", "--scaling-factor", "2"], ["--raw skips (un)scaling", "--scaling-factor"],
+                 id="raw-and-scaling-factor"),
+    pytest.param(["--no-upcast"], ["--no-upcast only matters with --dtype float16"], id="no-upcast-without-fp16"),
+    pytest.param(["--quiet", "--verbose"], ["--quiet and --verbose contradict"], id="quiet-and-verbose"),
+    pytest.param(["--fps", "8"], ["--fps/--quality apply to MP4 output, not PNG"], id="fps-for-png"),
+    pytest.param(["--format", "safetensors"], ["--format safetensors contradicts --out out.png"],
+                 id="format-against-suffix"),
+    pytest.param(["--height", "32", "--width", "32"], ["--height/--width unpack packed latents", "(1, 4, 8, 8)"],
+                 id="height-for-unpacked-latents"),
+    pytest.param(["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:1"],
+                 ["nodes other than --node-rank 0 do not read the inputs: give them --model"],
+                 id="other-node-without-model"),
+]
+
+
+@pytest.mark.parametrize("extra, fragments", OPTION_CASES + CONFLICT_CASES)
 def test_bad_option(out_dir: Path, launches: list[object], kl_models: dict[str, Path], good: Path,
-                    extra: list[str], fragments: list[str]) -> None:
-    result = decode(good, "--out", out_dir / "out.png", "--model", kl_models["kl4"], *extra)
-    assert_fails(result, out_dir, launches, *fragments)
+                    monkeypatch: pytest.MonkeyPatch, extra: list[str], fragments: list[str]) -> None:
+    def announce(spec: launch.LaunchSpec, message: str) -> None:
+        if spec.nnodes > 1:
+            launches.append(("announce", message))
+
+    monkeypatch.setattr(launch, "announce_failure", announce)
+    model = [] if "--node-rank" in extra else ["--model", str(kl_models["kl4"])]
+    result = decode(good, "--out", out_dir / "out.png", *model, *extra)
+    if "--node-rank" in extra:  # the failing node tells the others, then stops
+        assert [call[0] for call in launches] == ["announce"]
+        launches.clear()
+    assert_fails(result, out_dir, launches, *fragments, code=2)
 
 
 def test_overlap_out_of_step_with_stride(tmp_path: Path, out_dir: Path, launches: list[object],
@@ -247,19 +281,21 @@ def test_overlap_out_of_step_with_stride(tmp_path: Path, out_dir: Path, launches
     assert_fails(result, out_dir, launches, "tile size 32 with overlap 0.3", "out of step")
 
 
-@pytest.mark.parametrize("extra, device, fragments", [
-    pytest.param(["--gpus", "1"], None, ["CUDA is not available on this machine"], id="gpus-without-cuda"),
-    pytest.param([], "cuda", ["CUDA is not available on this machine"], id="device-cuda-without-cuda"),
-    pytest.param(["--gpus", "1"], "cpu", ["--gpus runs on cuda", "--device cpu"], id="gpus-with-device-cpu"),
+@pytest.mark.parametrize("extra, device, code, fragments", [
+    pytest.param(["--gpus", "1"], None, 1, ["CUDA is not available on this machine"], id="gpus-without-cuda"),
+    pytest.param([], "cuda", 1, ["CUDA is not available on this machine"], id="device-cuda-without-cuda"),
+    pytest.param(["--gpus", "1"], "cpu", 2, ["--gpus runs on cuda", "--device cpu"], id="gpus-with-device-cpu"),
+    pytest.param(["--threads", "2"], "cuda", 2, ["--threads sets CPU threads", "no effect with --device cuda"],
+                 id="threads-on-cuda"),
 ])
 def test_no_cuda(out_dir: Path, launches: list[object], kl_models: dict[str, Path], good: Path,
-                 monkeypatch: pytest.MonkeyPatch, extra: list[str], device: str | None,
+                 monkeypatch: pytest.MonkeyPatch, extra: list[str], device: str | None, code: int,
                  fragments: list[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     result = decode(good, "--out", out_dir / "out.png", "--model", kl_models["kl4"], *extra,
                     device=device)
-    assert_fails(result, out_dir, launches, *fragments)
+    assert_fails(result, out_dir, launches, *fragments, code=code)
 
 
 # -- the output path -------------------------------------------------------------------------

@@ -72,3 +72,16 @@ def test_png_output_matches_postprocessed_reference(kl_models: dict[str, Path], 
         got = np.asarray(Image.open(tmp_path / f"img_{b}.png").convert("RGB")).astype(np.int16)
         assert got.shape == want[b].shape
         assert np.abs(got - want[b]).max() <= 1
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_zero_overlap_is_bit_identical_to_diffusers(kl_models: dict[str, Path], tmp_path: Path, nproc: int) -> None:
+    """--tile-overlap 0: tiles meet edge to edge, no strips are exchanged, diffusers' result holds."""
+    z = torch.randn(1, 4, 19, 23, generator=torch.Generator().manual_seed(7))
+    src = save_latents(tmp_path / "z.safetensors", z)
+    decode(str(src), "--model", str(kl_models["kl4"]), "--out", str(tmp_path / "o.safetensors"), "--raw",
+           "--strategy", "tiled", "--tile-size", str(TILE), "--tile-overlap", "0", "--threads", "1",
+           "--nproc", str(nproc))
+    got = load_file(tmp_path / "o.safetensors")["sample"]
+    want = reference_decode(kl_models["kl4"], z, tile=TILE, overlap=0.0)
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vaepar import launch, plan, shard, worker
-from vaepar.errors import VaeparError
+from vaepar.errors import OptionError, VaeparError
 from vaepar.vae import Family, ModelSpec, patch_size
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -37,14 +37,14 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.task not in ("decode", "encode"):
-            raise ValueError(f"--task must be decode or encode, got {self.task!r}")
+            raise OptionError(f"--task must be decode or encode, got {self.task!r}")
         if not self.counts or min(self.counts) < 1:
-            raise ValueError(f"worker counts must be positive, got {list(self.counts)}")
+            raise OptionError(f"worker counts must be positive, got {list(self.counts)}")
         bad = [s for s in self.strategies if s not in worker.STRATEGIES or s == "auto"]
         if not self.strategies or bad:
-            raise ValueError(f"unknown strategies {bad}; choose from none, tiled, shard, patch")
+            raise OptionError(f"unknown strategies {bad}; choose from none, tiled, shard, patch")
         if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+            raise OptionError("--repeats must be at least 1 and --warmup at least 0")
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,10 +13,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vaepar import launch, latents, outputs, pixels, worker
-from vaepar.errors import VaeparError
-from vaepar.latents import Factors
-from vaepar.vae import ModelSpec, model_reference, patchify, resolve
+# torch's C++ warnings (a store connection closing when another node stops) are noise here.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E402 - after the environment
+from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
+from vaepar.latents import Factors  # noqa: E402
+from vaepar.vae import ModelSpec, model_reference, patchify, resolve  # noqa: E402
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -25,44 +30,60 @@ console = Console(stderr=True)
 STRATEGY_HELP = ("none: one worker runs the whole input untiled; tiled: diffusers' tile grid spread "
                  "over the workers, bit-identical to diffusers; shard: rows split into bands with halo "
                  "exchange inside every layer, equal to untiled up to float rounding; patch: bands "
-                 "with --halo rows of margin, no communication; auto: shard on several workers, else "
-                 "tiled when the input is larger than one tile, else none.")
+                 "with --halo rows of margin, no communication; auto: shard on several workers (unless "
+                 "--tile-size is given), else tiled when the input is larger than one tile, else none.")
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help=(
     "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))]
 Subfolder = Annotated[str | None, typer.Option(help="Folder of the VAE inside the model (default: vae where present).")]
-Nproc = Annotated[int, typer.Option(help="Number of workers.")]
+Nproc = Annotated[int | None, typer.Option(help="Number of workers on this node (default 1).", show_default=False)]
 Gpus = Annotated[int | None, typer.Option(help="Shorthand for --device cuda --nproc N.")]
 Device = Annotated[str | None, typer.Option(help="Worker device: cpu or cuda (default: cuda when available).")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads per CPU worker (default: cores // workers).")]
 Strategy = Annotated[str, typer.Option(help=STRATEGY_HELP)]
 TileSize = Annotated[int | None, typer.Option(help=(
-    "Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan)."))]
-TileOverlap = Annotated[float, typer.Option(help="Tile overlap factor in [0, 0.5).")]
-ScalingFactor = Annotated[float | None, typer.Option(help="Override the model's scaling_factor.")]
-ShiftFactor = Annotated[float | None, typer.Option(help="Override the model's shift_factor.")]
+    "Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan). "
+    "tiled and auto only; with auto it selects tiled."))]
+TileOverlap = Annotated[float | None, typer.Option(help="Tile overlap factor in [0, 0.5) (default 0.25); tiled and auto only.",
+                                                   show_default=False)]
+ScalingFactor = Annotated[float | None, typer.Option(help="Override the model's scaling_factor (AutoencoderKL).")]
+ShiftFactor = Annotated[float | None, typer.Option(help="Override the model's shift_factor (AutoencoderKL).")]
 Dtype = Annotated[str | None, typer.Option(help=(
-    "Compute dtype: float32, float16 or bfloat16 (default: float32 on cpu, bfloat16 on cuda)."))]
+    "Compute dtype: float32, float16 or bfloat16 (default: float32 on cpu, bfloat16 on cuda). float16 "
+    "runs in float32 when the VAE's config sets force_upcast, as diffusers' pipelines do."))]
+Upcast = Annotated[bool, typer.Option("--upcast/--no-upcast", help=(
+    "With --dtype float16: compute in float32 when the VAE's config sets force_upcast (SD, SDXL), as "
+    "diffusers' pipelines do. --no-upcast keeps float16 (may overflow; a non-finite result is an error)."))]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON summary here.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Nnodes = Annotated[int, typer.Option(help="Number of nodes (multi-node runs).")]
-NodeRank = Annotated[int, typer.Option(help="This node's rank, 0 to nnodes-1.")]
+NodeRank = Annotated[int, typer.Option(help=(
+    "This node's rank, 0 to nnodes-1. Node 0 reads the inputs and writes the outputs."))]
 RdzvEndpoint = Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous).")]
-Halo = Annotated[int, typer.Option(help="patch strategy: latent rows of margin above and below each band.")]
+Halo = Annotated[int | None, typer.Option(help=(
+    "patch strategy only: latent rows of margin above and below each band (default 8)."), show_default=False)]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Per-rank details: band, halo exchanges, bytes sent.")]
+Debug = Annotated[bool, typer.Option("--debug", envvar="VAEPAR_DEBUG", help=(
+    "Print the traceback of an internal error (also: VAEPAR_DEBUG=1)."))]
+
+DEFAULT_OVERLAP, DEFAULT_HALO, DEFAULT_FPS, DEFAULT_QUALITY = 0.25, 8, 16, 8
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Workers:
     """Worker-group options shared by every command."""
 
-    nproc: int
+    nproc: int | None
     gpus: int | None
     device: str | None
     threads: int | None
     nnodes: int
     node_rank: int
     rdzv_endpoint: str | None
+
+    def meeting(self) -> launch.LaunchSpec:
+        """Where this node meets the others: enough to tell them about a failure."""
+        return launch.LaunchSpec(nnodes=self.nnodes, node_rank=self.node_rank, rdzv_endpoint=self.rdzv_endpoint)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,14 +93,15 @@ class Run:
     workers: Workers
     strategy: str
     tile_size: int | None
-    tile_overlap: float
+    tile_overlap: float | None
     raw: bool
     scaling_factor: float | None
     shift_factor: float | None
     dtype: str | None
+    upcast: bool
     json_path: Path | None
     quiet: bool
-    halo: int
+    halo: int | None
     verbose: bool
 
     @staticmethod
@@ -89,22 +111,26 @@ class Run:
         return Run(workers=workers, **{f: options[f] for f in Run.__dataclass_fields__ if f != "workers"})
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
+    raise typer.Exit(code=code)
 
 
 def _resolve_device(w: Workers) -> tuple[str, int]:
     import torch
 
-    nproc, device = w.nproc, w.device
+    nproc, device = w.nproc if w.nproc is not None else 1, w.device
     if w.gpus is not None:
+        if w.nproc is not None and w.nproc != w.gpus:
+            raise OptionError(f"--gpus {w.gpus} already sets the number of workers; drop --nproc {w.nproc}")
         if w.device not in (None, "cuda"):
-            raise VaeparError(f"--gpus runs on cuda; it cannot be combined with --device {w.device}")
+            raise OptionError(f"--gpus runs on cuda; it cannot be combined with --device {w.device}")
         device, nproc = "cuda", w.gpus
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
-        raise VaeparError(f"--device must be cpu or cuda, got '{device}'")
+        raise OptionError(f"--device must be cpu or cuda, got '{device}'")
+    if device == "cuda" and w.threads is not None:
+        raise OptionError("--threads sets CPU threads per worker; it has no effect with --device cuda")
     if device == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -114,8 +140,10 @@ def _resolve_device(w: Workers) -> tuple[str, int]:
     return device, nproc
 
 
-def _model_from(model: str | None, subfolder: str | None, first: Path) -> ModelSpec:
+def _model_from(model: str | None, subfolder: str | None, first: Path, node_rank: int) -> ModelSpec:
     if model is None:
+        if node_rank != 0:
+            raise OptionError("nodes other than --node-rank 0 do not read the inputs: give them --model")
         meta = latents.read(first)[1]
         if "model" not in meta:
             raise VaeparError(f"{first}: no --model given and the file's metadata names no model")
@@ -142,16 +170,52 @@ def _output_paths(inputs: list[Path], out: Path, ext: str, suffixes: tuple[str, 
     return paths
 
 
+def _check_options(run: Run, spec: ModelSpec) -> None:
+    """Options that contradict each other or would be ignored are errors, never dropped silently."""
+    strategy = run.strategy
+    if run.quiet and run.verbose:
+        raise OptionError("--quiet and --verbose contradict each other; pick one")
+    if run.halo is not None and strategy != "patch":
+        raise OptionError(f"--halo applies to --strategy patch only, not {strategy}")
+    tiling = [o for o, v in (("--tile-size", run.tile_size), ("--tile-overlap", run.tile_overlap)) if v is not None]
+    if tiling and strategy not in ("tiled", "auto"):
+        raise OptionError(f"{'/'.join(tiling)} applies to --strategy tiled or auto, not {strategy}")
+    factors = [o for o, v in (("--scaling-factor", run.scaling_factor), ("--shift-factor", run.shift_factor))
+               if v is not None]
+    if factors and run.raw:
+        raise OptionError(f"--raw skips (un)scaling, so {'/'.join(factors)} would be ignored")
+    if factors and spec.is_video:
+        raise OptionError(f"{'/'.join(factors)} apply to AutoencoderKL latents; {spec.class_name} (un)scales "
+                          "per channel with its config's latents_mean/latents_std")
+    if not run.upcast and run.dtype != "float16":
+        raise OptionError("--no-upcast only matters with --dtype float16")
+
+
+def _compute_dtype(run: Run, spec: ModelSpec, device: str) -> str:
+    """The dtype workers compute in: float16 becomes float32 where the VAE's config sets
+    ``force_upcast`` (diffusers' pipelines upcast such VAEs), unless ``--no-upcast``."""
+    dtype = run.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype == "float16" and run.upcast and spec.config.get("force_upcast", False):
+        if not run.quiet and run.workers.node_rank == 0:
+            console.print("note: the VAE's config sets force_upcast, so float16 runs in float32 as in diffusers' "
+                          "pipelines (--no-upcast keeps float16)", highlight=False, soft_wrap=True)
+        return "float32"
+    return dtype
+
+
 def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, worker.WorkerConfig]:
     w = run.workers
+    _check_options(run, spec)
     device, nproc = _resolve_device(w)
     group = launch.LaunchSpec(nproc=nproc, nnodes=w.nnodes, node_rank=w.node_rank, rdzv_endpoint=w.rdzv_endpoint)
     cfg = worker.WorkerConfig(
-        model=spec, device=device, dtype=run.dtype or ("bfloat16" if device == "cuda" else "float32"),
+        model=spec, device=device, dtype=_compute_dtype(run, spec, device),
         threads=w.threads if w.threads is not None else (launch.default_threads(nproc) if device == "cpu" else None),
-        strategy=run.strategy, tile_size=run.tile_size, tile_overlap=run.tile_overlap,
+        strategy=run.strategy, tile_size=run.tile_size,
+        tile_overlap=run.tile_overlap if run.tile_overlap is not None else DEFAULT_OVERLAP,
         factors=None if run.raw else Factors.of(spec, run.scaling_factor, run.shift_factor),
-        halo=run.halo, show_progress=not run.quiet, verbose=run.verbose, **extra,
+        halo=run.halo if run.halo is not None else DEFAULT_HALO, show_progress=not run.quiet,
+        verbose=run.verbose, **extra,
     )
     return group, cfg
 
@@ -159,6 +223,8 @@ def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, 
 def _execute(command: str, run: Run, group: launch.LaunchSpec, cfg: worker.WorkerConfig, jobs: list[Any]) -> None:
     reports = launch.run(group, worker.main, cfg, jobs)
     if reports is None:
+        if group.node_rank != 0 and not run.quiet:
+            console.print(f"node {group.node_rank}: done; node 0 wrote the outputs", highlight=False)
         return
     from vaepar import report
 
@@ -167,47 +233,95 @@ def _execute(command: str, run: Run, group: launch.LaunchSpec, cfg: worker.Worke
     if run.json_path is not None:
         report.write_json(run.json_path, reports, {
             "command": command, "model": cfg.model.name, "device": cfg.device, "nproc": group.world,
-            "threads": cfg.threads, "dtype": cfg.dtype, "strategy": cfg.strategy,
+            "threads": cfg.threads, "dtype": cfg.dtype, "requested_dtype": run.dtype, "strategy": cfg.strategy,
         })
 
 
+def _output_format(inputs: list[Path], out: Path, fmt: str | None, spec: ModelSpec) -> str:
+    """The decode output's format: --out's suffix for one input, else --format or the default."""
+    if fmt is not None and fmt.lower() not in ("png", "safetensors", "mp4"):
+        raise OptionError(f"--format must be png, safetensors or mp4, got '{fmt}'")
+    if len(inputs) == 1 and out.suffix:
+        if fmt is not None and fmt.lower() != out.suffix.lower().lstrip("."):
+            raise OptionError(f"--format {fmt} contradicts --out {out.name}; drop one")
+        return out.suffix.lower().lstrip(".")
+    return (fmt or ("mp4" if spec.is_video else "png")).lower()
+
+
 def _decode(inputs: list[Path], *, out: Path, model: str | None, subfolder: str | None, run: Run,
-            height: int | None, width: int | None, fmt: str | None, fps: int, quality: int) -> None:
-    spec = _model_from(model, subfolder, inputs[0])
-    group, cfg = _setup(run, spec, fps=fps, quality=quality)
-    jobs = []
-    for source in inputs:  # every input is checked before any output folder is made
-        found = latents.load(source, spec, height=height, width=width) if run.workers.node_rank == 0 else None
-        if found is not None:
-            worker.plan_job(cfg, "decode", tuple(found.tensor.shape), group.world)
-        scaled = found is None or found.metadata.get("scaled", "true").lower() != "false"
-        jobs.append(worker.DecodeJob(source=source, output=out, height=height, width=width, scaled=scaled))
-    suffixes = outputs.VIDEO_SUFFIXES if spec.is_video else outputs.IMAGE_SUFFIXES
-    paths = _output_paths(inputs, out, fmt or ("mp4" if spec.is_video else "png"), suffixes)
+            height: int | None, width: int | None, fmt: str | None, fps: int | None, quality: int | None) -> None:
+    w = run.workers
+    with launch.announcing(w.meeting()):
+        compat.check_diffusers()
+        spec = _model_from(model, subfolder, inputs[0], w.node_rank)
+        ext = _output_format(inputs, out, fmt, spec)
+        if ext != "mp4" and (fps is not None or quality is not None):
+            raise OptionError(f"--fps/--quality apply to MP4 output, not {ext.upper()}")
+        group, cfg = _setup(run, spec, fps=DEFAULT_FPS if fps is None else fps,
+                            quality=DEFAULT_QUALITY if quality is None else quality)
+        home = w.node_rank == 0  # the node that reads inputs and writes outputs
+        jobs = [_decode_job(source, cfg, group, height, width, home) for source in inputs]
+        suffixes = outputs.VIDEO_SUFFIXES if spec.is_video else outputs.IMAGE_SUFFIXES
+        paths = _output_paths(inputs, out, ext, suffixes) if home else [out] * len(inputs)
     _execute("decode", run, group, cfg, [replace(j, output=p) for j, p in zip(jobs, paths)])
+
+
+def _decode_job(source: Path, cfg: worker.WorkerConfig, group: launch.LaunchSpec, height: int | None,
+                width: int | None, home: bool) -> worker.DecodeJob:
+    """Check one input (on the home node) before any output folder is made or worker started."""
+    scaled = True
+    if home:
+        found = latents.load(source, cfg.model, height=height, width=width)
+        worker.plan_job(cfg, "decode", tuple(found.tensor.shape), group.world)
+        scaled = found.metadata.get("scaled", "true").lower() != "false"
+    return worker.DecodeJob(source=source, output=source, height=height, width=width, scaled=scaled)
 
 
 def _encode(inputs: list[Path], *, out: Path, model: str, subfolder: str | None, run: Run,
             frames: int | None, fit: str | None, sample: bool, seed: int | None) -> None:
-    spec = resolve(model, subfolder)
-    group, cfg = _setup(run, spec, sample=sample, seed=seed)
-    if run.workers.node_rank == 0:
-        for source in inputs:
-            x = pixels.prepare(source, spec, frames=frames, how=fit)
-            worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape), group.world)
-    paths = _output_paths(inputs, out, "safetensors", (".safetensors",))
+    w = run.workers
+    with launch.announcing(w.meeting()):
+        compat.check_diffusers()
+        if seed is not None and not sample:
+            raise OptionError("--seed applies to --sample; the mode (the default) has no randomness")
+        if frames is not None and frames < 1:
+            raise OptionError(f"--frames must be at least 1, got {frames}")
+        spec = resolve(model, subfolder)
+        group, cfg = _setup(run, spec, sample=sample, seed=seed)
+        paths = [out] * len(inputs)
+        if w.node_rank == 0:
+            for source in inputs:
+                x = pixels.prepare(source, spec, frames=frames, how=fit)
+                worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape), group.world)
+            paths = _output_paths(inputs, out, "safetensors", (".safetensors",))
     ref = model_reference(spec)
     jobs = [worker.EncodeJob(source=i, output=o, frames=frames, fit=fit, model_ref=ref) for i, o in zip(inputs, paths)]
     _execute("encode", run, group, cfg, jobs)
 
 
-def _guarded(fn: Any, *args: Any, **kwargs: Any) -> None:
+def _guarded(fn: Any, *args: Any, debug: bool = False, **kwargs: Any) -> None:
+    """Run a command: user errors are one line (exit 1; options: 2); anything else is an internal
+    error, one line plus the traceback with --debug (exit 3)."""
     try:
         fn(*args, **kwargs)
-    except (VaeparError, ValueError) as exc:
+    except OptionError as exc:
+        _fail(str(exc), code=2)
+    except VaeparError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted")
+        _fail("interrupted", code=130)
+    except InternalError as exc:
+        _internal(str(exc), exc.traceback, debug)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        _internal(f"{type(exc).__name__}: {exc}", traceback.format_exc(), debug)
+
+
+def _internal(message: str, trace: str, debug: bool) -> None:
+    if debug and trace:
+        console.print(trace.rstrip(), markup=False, highlight=False, soft_wrap=True)
+    hint = "" if debug else "; rerun with --debug (or VAEPAR_DEBUG=1) for the traceback"
+    _fail(f"internal error (a bug in vaepar, please report it): {message.splitlines()[0] if message else ''}{hint}",
+          code=3)
 
 
 @app.command()
@@ -218,13 +332,13 @@ def decode(
         "Output file (.png, .safetensors; .mp4 for video); a folder when several inputs are given."))],
     model: Model = None,
     subfolder: Subfolder = None,
-    nproc: Nproc = 1,
+    nproc: Nproc = None,
     gpus: Gpus = None,
     device: Device = None,
     threads: Threads = None,
     strategy: Strategy = "auto",
     tile_size: TileSize = None,
-    tile_overlap: TileOverlap = 0.25,
+    tile_overlap: TileOverlap = None,
     raw: Annotated[bool, typer.Option("--raw", help=(
         "Decode the tensor as given. Default: unscale as pipelines do, unless the file's metadata "
         "says scaled=false."))] = False,
@@ -233,13 +347,17 @@ def decode(
     height: Annotated[int | None, typer.Option(help="Image height in pixels, to unpack packed (Flux) latents.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels, to unpack packed (Flux) latents.")] = None,
     dtype: Dtype = None,
+    upcast: Upcast = True,
     fmt: Annotated[str | None, typer.Option("--format", help="Output format when --out is a folder: png, safetensors or mp4.")] = None,
-    fps: Annotated[int, typer.Option(help="Frames per second of MP4 output.")] = 16,
-    quality: Annotated[int, typer.Option(help="MP4 quality, 0 (worst) to 10 (best).")] = 8,
-    halo: Halo = 8,
+    fps: Annotated[int | None, typer.Option(help="Frames per second of MP4 output (default 16).",
+                                            show_default=False)] = None,
+    quality: Annotated[int | None, typer.Option(help="MP4 quality, 0 (worst) to 10 (best) (default 8).",
+                                                show_default=False)] = None,
+    halo: Halo = None,
     json_path: JsonPath = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    debug: Debug = False,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
@@ -250,7 +368,7 @@ def decode(
     """
     run = Run.of(locals())
     _guarded(_decode, latents_in, out=out, model=model, subfolder=subfolder, run=run, height=height, width=width,
-             fmt=fmt, fps=fps, quality=quality)
+             fmt=fmt, fps=fps, quality=quality, debug=debug)
 
 
 @app.command()
@@ -262,13 +380,13 @@ def encode(
     model: Annotated[str, typer.Option("--model", "-m", help=(
         "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))],
     subfolder: Subfolder = None,
-    nproc: Nproc = 1,
+    nproc: Nproc = None,
     gpus: Gpus = None,
     device: Device = None,
     threads: Threads = None,
     strategy: Strategy = "auto",
     tile_size: TileSize = None,
-    tile_overlap: TileOverlap = 0.25,
+    tile_overlap: TileOverlap = None,
     raw: Annotated[bool, typer.Option("--raw", help="Write latents unscaled. Default: scaled as pipelines expect.")] = False,
     scaling_factor: ScalingFactor = None,
     shift_factor: ShiftFactor = None,
@@ -278,10 +396,12 @@ def encode(
     sample: Annotated[bool, typer.Option("--sample", help="Sample the latent distribution instead of taking its mode.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for --sample (default 0).")] = None,
     dtype: Dtype = None,
-    halo: Halo = 8,
+    upcast: Upcast = True,
+    halo: Halo = None,
     json_path: JsonPath = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    debug: Debug = False,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
@@ -289,7 +409,7 @@ def encode(
     """Encode images or videos into latents (.safetensors) that `vaepar decode` reads back."""
     run = Run.of(locals())
     _guarded(_encode, inputs, out=out, model=model, subfolder=subfolder, run=run, frames=frames, fit=fit,
-             sample=sample, seed=seed)
+             sample=sample, seed=seed, debug=debug)
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -308,21 +428,26 @@ def _resolution(text: str) -> tuple[int, int]:
 
 
 def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames: int | None, batch: int,
-           nproc: str, gpus: str | None, device: str | None, strategies: str, repeats: int, warmup: int,
-           task: str, dtype: str | None, tile_size: int | None, tile_overlap: float, halo: int,
+           nproc: str | None, gpus: str | None, device: str | None, strategies: str, repeats: int, warmup: int,
+           task: str, dtype: str | None, tile_size: int | None, tile_overlap: float | None, halo: int | None,
            json_path: Path | None, show_plan: bool) -> None:
     from vaepar import bench, report
     from vaepar.vae import architecture
 
     spec = resolve(model, subfolder) if model else architecture("wan-vae" if frames else "sd-vae")
-    counts = _counts(gpus if gpus is not None else nproc)
+    if gpus is not None and nproc is not None:
+        raise OptionError(f"--gpus {gpus} already sets the worker counts; drop --nproc {nproc}")
+    compat.check_diffusers()
+    counts = _counts(gpus if gpus is not None else nproc or "1,2")
     device = "cuda" if gpus is not None else device
     if not show_plan:
         _resolve_device(Workers(nproc=max(counts, default=1), gpus=None, device=device, threads=None,
                                 nnodes=1, node_rank=0, rdzv_endpoint=None))
     device = device or ("cuda" if not show_plan and __import__("torch").cuda.is_available() else "cpu")
     cfg = worker.WorkerConfig(model=spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
-                              tile_size=tile_size, tile_overlap=tile_overlap, halo=halo, show_progress=False)
+                              tile_size=tile_size, show_progress=False,
+                              tile_overlap=DEFAULT_OVERLAP if tile_overlap is None else tile_overlap,
+                              halo=DEFAULT_HALO if halo is None else halo)
     b = bench.BenchConfig(cfg=cfg, task=task, shape=bench.input_shape(spec, task, _resolution(resolution), frames, batch),
                           counts=counts, strategies=tuple(v.strip() for v in strategies.split(",") if v.strip()),
                           repeats=repeats, warmup=warmup)
@@ -347,7 +472,8 @@ def bench(
     resolution: Annotated[str, typer.Option(help="Pixel size of the image or video: N or HxW.")] = "1024",
     frames: Annotated[int | None, typer.Option(help="Video frames (1 + 4k): benchmark a video (Wan) model.")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
-    nproc: Annotated[str, typer.Option(help="Worker counts, comma-separated.")] = "1,2",
+    nproc: Annotated[str | None, typer.Option(help="Worker counts, comma-separated (default 1,2).",
+                                              show_default=False)] = None,
     gpus: Annotated[str | None, typer.Option(help="GPU worker counts, comma-separated (implies --device cuda).")] = None,
     device: Device = None,
     strategies: Annotated[str, typer.Option(help="Strategies, comma-separated.")] = "none,tiled,patch,shard",
@@ -356,18 +482,19 @@ def bench(
     task: Annotated[str, typer.Option(help="decode or encode.")] = "decode",
     dtype: Dtype = None,
     tile_size: TileSize = None,
-    tile_overlap: TileOverlap = 0.25,
-    halo: Halo = 8,
+    tile_overlap: TileOverlap = None,
+    halo: Halo = None,
     json_path: JsonPath = None,
     show_plan: Annotated[bool, typer.Option("--plan", help=(
         "Compute nothing: predict imbalance, work, bytes sent and activation memory per rank for any "
         "worker counts (e.g. --nproc 1,2,4,8,16,32,64)."))] = False,
+    debug: Debug = False,
 ) -> None:
     """Benchmark strategies x worker counts: time, peak memory, speedup, error; or --plan them."""
     _guarded(_bench, model=model, subfolder=subfolder, resolution=resolution, frames=frames, batch=batch,
              nproc=nproc, gpus=gpus, device=device, strategies=strategies, repeats=repeats, warmup=warmup,
              task=task, dtype=dtype, tile_size=tile_size, tile_overlap=tile_overlap, halo=halo,
-             json_path=json_path, show_plan=show_plan)
+             json_path=json_path, show_plan=show_plan, debug=debug)
 
 
 @app.command("presets")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vaepar.errors import VaeparError
+
 
 def backend_for(device_type: str) -> str:
     """The collective backend for a device type: cuda -> nccl, cpu -> gloo."""
@@ -28,14 +30,19 @@ class Comm:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    node_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     store: Any = None
 
     @staticmethod
     def join(device_type: str) -> Comm:
-        """Join the group described by the launcher's environment (or run alone without one)."""
+        """Join the group described by the launcher's environment (or run alone without one).
+
+        ``RANK`` is the rank :func:`vaepar.launch.meet` assigned in ``--node-rank`` order.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        node_rank = int(os.environ.get("VAEPAR_NODE_RANK", "0"))
         device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
         if device_type == "cuda":
             torch.cuda.set_device(device)
@@ -47,7 +54,7 @@ class Comm:
         dist.init_process_group(backend_for(device_type), store=dist.PrefixStore("pg", store),
                                 rank=rank, world_size=world, timeout=timedelta(minutes=30),
                                 device_id=device if device_type == "cuda" else None)
-        return Comm(rank=rank, world=world, local_rank=local_rank, device=device,
+        return Comm(rank=rank, world=world, local_rank=local_rank, node_rank=node_rank, device=device,
                     store=dist.PrefixStore("vaepar", store))
 
     def close(self) -> None:
@@ -81,14 +88,6 @@ class Comm:
         if self.world > 1:
             dist.barrier()
 
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order (meaningful on rank 0)."""
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
@@ -96,6 +95,30 @@ class Comm:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self._object_device())
         return box[0]
+
+    def agree(self, error: str | None) -> None:
+        """Collective: raise :class:`VaeparError` on every rank if any rank had ``error``.
+
+        The rank with the error reports its own message; the others say where it happened, so
+        that one rank's bad model or input stops every node with one clear line.
+        """
+        reports = self.gather_all((self.node_rank, self.rank, error))
+        failed = [(node, rank, why) for node, rank, why in reports if why]
+        if error:
+            raise VaeparError(error)
+        if not failed:
+            return
+        node, rank, why = failed[0]
+        where = f"node {node}" if node != self.node_rank else f"worker rank {rank}"
+        raise VaeparError(f"{where} failed: {why}")
+
+    def gather_all(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def _object_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None

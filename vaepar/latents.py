@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vaepar.errors import VaeparError
+from vaepar.errors import OptionError, VaeparError
 from vaepar.vae import ModelSpec
 
 KEY = "latents"
@@ -57,11 +57,16 @@ def load(path: Path, spec: ModelSpec, *, height: int | None = None, width: int |
     if not tensor.is_floating_point():
         raise VaeparError(f"{path}: latents must be floating point, got {tensor.dtype}")
     if spec.is_video:
+        if height is not None or width is not None:
+            raise OptionError(f"{path}: --height/--width unpack packed image latents; leave them out for video")
         _check_video(path, tensor, spec)
     else:
         if tensor.ndim == 3:
             tensor = unpack(path, tensor, spec, height or _int(meta, "height", path),
                             width or _int(meta, "width", path))
+        elif height is not None or width is not None:
+            raise OptionError(f"{path}: --height/--width unpack packed latents (B, N, 4C), but this file "
+                              f"holds {tuple(tensor.shape)}; leave them out")
         _check_image(path, tensor, spec)
     _check_finite(path, tensor)
     return LatentFile(path=path, tensor=tensor, metadata=meta)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaepar.errors import VaeparError
+from vaepar.errors import OptionError, VaeparError
 from vaepar.vae import ModelSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,7 +93,7 @@ def fit(path: Path, x: torch.Tensor, multiple: int, how: str | None) -> torch.Te
         raise VaeparError(f"{path}: size {h}x{w} is not a multiple of {multiple} (the model's scale); "
                           "pass --fit crop or --fit resize")
     if how not in FITS:
-        raise ValueError(f"--fit must be one of {', '.join(FITS)}, got {how!r}")
+        raise OptionError(f"--fit must be one of {', '.join(FITS)}, got {how!r}")
     nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
     if how == "resize":
         nh, nw = max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple)
@@ -109,6 +109,10 @@ def fit(path: Path, x: torch.Tensor, multiple: int, how: str | None) -> torch.Te
 
 def prepare(path: Path, spec: ModelSpec, *, frames: int | None = None, how: str | None = None) -> torch.Tensor:
     """Read pixels and check them against the model: image vs video, frame count, size."""
+    if frames is not None and path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise OptionError(f"{path}: --frames applies to video files ({', '.join(VIDEO_SUFFIXES)}), not to this input")
+    if how is not None and how not in FITS:
+        raise OptionError(f"--fit must be one of {', '.join(FITS)}, got {how!r}")
     x = load(path, frames=frames)
     if spec.is_video and x.ndim == 4:
         raise VaeparError(f"{path}: an image was given to the video VAE {spec.class_name} ('{spec.name}'); "

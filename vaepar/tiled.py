@@ -43,18 +43,21 @@ def _lead_shape(raw: dict[int, torch.Tensor], comm: Comm) -> tuple[int, ...]:
 
 
 def _strip_needs(grid: plan.Grid, u: int) -> list[tuple[str, int, slice, slice]]:
-    """What merging tile ``u`` reads from its neighbours: (kind, source tile, rows, cols)."""
+    """What merging tile ``u`` reads from its neighbours: (kind, source tile, rows, cols).
+
+    A blend extent of 0 (``--tile-overlap 0``) reads nothing: no empty strips are sent.
+    """
     i, j = grid.position(u)
     ev = grid.rows.extent(i) if i > 0 else 0
     eh = grid.cols.extent(j) if j > 0 else 0
     full = slice(None)
     needs = []
-    if i > 0:
-        needs.append(("up", grid.index(i - 1, j), slice(-ev, None) if ev else slice(0, 0), full))
-    if j > 0:
-        needs.append(("left", grid.index(i, j - 1), full, slice(-eh, None) if eh else slice(0, 0)))
-    if i > 0 and j > 0:
-        needs.append(("corner", grid.index(i - 1, j - 1), needs[0][2], needs[1][3]))
+    if ev:
+        needs.append(("up", grid.index(i - 1, j), slice(-ev, None), full))
+    if eh:
+        needs.append(("left", grid.index(i, j - 1), full, slice(-eh, None)))
+    if ev and eh:
+        needs.append(("corner", grid.index(i - 1, j - 1), slice(-ev, None), slice(-eh, None)))
     return needs
 
 

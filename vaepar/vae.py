@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class ModelSpec:
     config: dict[str, Any] = field(hash=False)
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     random_weights: bool = False
+    preset: bool = False
 
     @property
     def class_name(self) -> str:
@@ -99,8 +100,10 @@ def resolve(name: str, subfolder: str | None = None) -> ModelSpec:
         sub = entry.pop("subfolder", None)
         sub = sub if subfolder is None else subfolder
         if "path" in entry:  # shipped inside the package
-            return _local(name, PACKAGE_DIR / entry.pop("path"), sub, entry)
-        return _hub(name, entry.pop("repo"), sub, entry)
+            spec = _local(name, PACKAGE_DIR / entry.pop("path"), sub, entry)
+        else:
+            spec = _hub(name, entry.pop("repo"), sub, entry)
+        return replace(spec, preset=True)
     if _HUB_ID.match(name) and not name.startswith("."):
         return _hub(name, name, subfolder, {})
     if _looks_like_path(name):
@@ -183,8 +186,8 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
 
 def model_reference(spec: ModelSpec) -> str:
     """How a latent file names its model so that decode finds it again: a local folder by its
-    absolute path, a preset or hub id by name."""
-    if spec.local and spec.name not in presets():
+    absolute path (even one named like a preset), a preset or hub id by name."""
+    if spec.local and not spec.preset:
         return str(Path(spec.source).resolve())
     return spec.name
 

@@ -11,16 +11,18 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from vaepar import latents, outputs, pixels, plan, shard, tiled
+from vaepar import compat, latents, outputs, pixels, plan, shard, tiled
 from vaepar.comm import Comm
-from vaepar.errors import VaeparError
+from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
 from vaepar.vae import Family, ModelSpec, decode_grid, default_tile, encode_grid, load, patch_size
 
+T = TypeVar("T")
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,24 +49,24 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+            raise OptionError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown --strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+            raise OptionError(f"unknown --strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+            raise OptionError(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.tile_overlap < 0.5:
-            raise ValueError(f"--tile-overlap must be in [0, 0.5), got {self.tile_overlap}")
+            raise OptionError(f"--tile-overlap must be in [0, 0.5), got {self.tile_overlap}")
         if self.tile_size is not None and (self.tile_size <= 0 or self.tile_size % self.model.scale):
-            raise ValueError(f"--tile-size must be a positive multiple of the model's scale "
+            raise OptionError(f"--tile-size must be a positive multiple of the model's scale "
                              f"({self.model.scale}), got {self.tile_size}")
         if self.fps < 1:
-            raise ValueError(f"--fps must be at least 1, got {self.fps}")
+            raise OptionError(f"--fps must be at least 1, got {self.fps}")
         if self.halo < 0:
-            raise ValueError(f"--halo must be at least 0, got {self.halo}")
+            raise OptionError(f"--halo must be at least 0, got {self.halo}")
         if not 0 <= self.quality <= 10:
-            raise ValueError(f"--quality must be in [0, 10], got {self.quality}")
+            raise OptionError(f"--quality must be in [0, 10], got {self.quality}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -125,8 +127,9 @@ def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 
     """The strategy and tile grid for an input of ``shape``, the same on every rank.
 
     ``shape`` is the latent's (decode) or the pixels' as the encoder's tiles slice them (encode).
-    ``auto``: ``shard`` on several workers when the input has at least two latent rows; on one
-    worker ``tiled`` when the input is larger than one tile (diffusers' own test), else ``none``.
+    ``auto``: ``shard`` on several workers when the input has at least two latent rows and no tile
+    size was given; otherwise ``tiled`` when the input is larger than one tile (diffusers' own
+    test), else ``none``.
     ``shard`` and ``patch`` split rows into bands; their grid is the untiled one.
     """
     h, w = shape[-2], shape[-1]
@@ -134,7 +137,7 @@ def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 
     make = decode_grid if task == "decode" else encode_grid
     untiled = make(cfg.model, h, w, None, cfg.tile_overlap)
     strategy = cfg.strategy
-    if strategy == "auto" and world > 1 and latent_rows(cfg.model, task, h) >= 2:
+    if strategy == "auto" and world > 1 and cfg.tile_size is None and latent_rows(cfg.model, task, h) >= 2:
         strategy = "shard"
     if strategy in ("none", "shard", "patch"):
         return strategy, untiled
@@ -165,7 +168,13 @@ class Worker:
         if cfg.threads is not None and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)
         self.dtype = DTYPES[cfg.dtype]
-        vae = load(cfg.model, self.comm.device, self.dtype)
+        vae, error = None, None
+        try:
+            vae = load(cfg.model, self.comm.device, self.dtype)
+            compat.check_model(vae)
+        except VaeparError as exc:
+            error = str(exc)
+        self.comm.agree(error)  # a model missing on one node stops every node with one line
         shard.install(vae)  # inert outside shard runs: other strategies run the original modules
         self.family = Family.of(vae, cfg.model)
         self.groups: dict[int, object] = {}
@@ -176,11 +185,12 @@ class Worker:
     def decode(self, job: DecodeJob) -> JobReport | None:
         """Decode one file; rank 0 writes the output and returns the report."""
         clock = Stopwatch()
-        z = self.comm.broadcast(self._read_latents(job) if self.comm.rank == 0 else None)
+        z = self.comm.broadcast(self._on_rank0(self._read_latents, job))
         strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape), self.comm.world)
         out, ranks, parts = self._run("decode", strategy, z, grid, job.source.name)
         if out is None:
             return None
+        check_finite(out, f"{job.source}: the decoded result", self.cfg)
         sample = self.family.finish_decode(out)
         written = outputs.write_sample(job.output, sample, fps=self.cfg.fps, quality=self.cfg.quality)
         return JobReport(input=str(job.source), outputs=[str(p) for p in written], input_shape=list(z.shape),
@@ -191,12 +201,13 @@ class Worker:
     def encode(self, job: EncodeJob) -> JobReport | None:
         """Encode one file; rank 0 writes the latents and returns the report."""
         clock = Stopwatch()
-        x, meta = self._read_pixels(job) if self.comm.rank == 0 else (None, {})
+        x, meta = self._on_rank0(self._read_pixels, job) or (None, {})
         x = self.comm.broadcast(x)
         strategy, grid = plan_job(self.cfg, "encode", tuple(x.shape), self.comm.world)
         out, ranks, parts = self._run("encode", strategy, x, grid, job.source.name)
         if out is None:
             return None
+        check_finite(out, f"{job.source}: the encoded latents", self.cfg)
         z = self.family.latents(out, sample=self.cfg.sample, seed=self.cfg.seed)
         if self.cfg.factors is not None:
             z = self.cfg.factors.scale(z)
@@ -233,7 +244,7 @@ class Worker:
         finally:
             ticker.close()
         stats.busy_s, stats.peak_mem_bytes = busy.elapsed(), self.meter.peak()
-        return out, self.comm.gather_objects(stats), parts
+        return out, self.comm.gather_all(stats), parts
 
     def _run_bands(self, task: str, strategy: str, x: torch.Tensor, rows: int,
                    run_part: Callable[[torch.Tensor], torch.Tensor], stats: RankStats) -> torch.Tensor | None:
@@ -285,6 +296,17 @@ class Worker:
         ref = load_file(job.reference)["sample"].to(result.device)
         return float((result - ref).abs().max())
 
+    def _on_rank0(self, read: Callable[[Job], T], job: Job) -> T | None:
+        """``read(job)`` on rank 0 (None elsewhere); a failure there stops every rank with one line."""
+        value, error = None, None
+        if self.comm.rank == 0:
+            try:
+                value = read(job)
+            except VaeparError as exc:
+                error = str(exc)
+        self.comm.agree(error)
+        return value
+
     def _read_latents(self, job: DecodeJob) -> torch.Tensor:
         z = latents.load(job.source, self.cfg.model, height=job.height, width=job.width).tensor
         z = z.to(self.comm.device, self.dtype)
@@ -299,6 +321,19 @@ class Worker:
 
     def close(self) -> None:
         self.comm.close()
+
+
+def check_finite(out: torch.Tensor, what: str, cfg: WorkerConfig) -> None:
+    """Refuse a result with NaN or Inf (an overflow): it would be written as a black image."""
+    if torch.isfinite(out).all():
+        return
+    nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
+    found = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+    remedy = "use --dtype bfloat16 or float32"
+    if cfg.dtype == "float16" and cfg.model.config.get("force_upcast", False):
+        remedy = "drop --no-upcast (this VAE's config asks for float32), or " + remedy
+    raise VaeparError(f"{what} has non-finite values ({found}) computed in {cfg.dtype}: the VAE overflowed; "
+                      f"{remedy}; nothing was written")
 
 
 def pixel_shape(x: torch.Tensor, meta: dict[str, str]) -> list[int]:
