@@ -30,6 +30,9 @@ from vaepar.errors import InternalError, OptionError, VaeparError
 OUTER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 NODE_RANK_ENV = "VAEPAR_NODE_RANK"
+# How a collective fails when a peer process died: not a bug of this worker.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DistNetworkError",
+             "NCCL communicator was aborted", "recvBytes failed", "Failed to recv")
 MEET_TIMEOUT = timedelta(minutes=2)
 
 
@@ -221,8 +224,12 @@ def _failure(exc: Any, spec: LaunchSpec) -> Exception:
     if not message:
         killed = f" (killed by signal {-failure.exitcode})" if failure.exitcode < 0 else ""
         return VaeparError(f"{where} failed: exit code {failure.exitcode}{killed}")
+    last = message.splitlines()[-1]
+    if any(sign in message for sign in PEER_LOST):
+        return VaeparError(f"{where} lost its connection to the other workers (another worker or node "
+                           f"failed or was stopped): {last}")
     traceback = str((info.get("extraInfo") or {}).get("py_callstack") or "")
-    return InternalError(f"{where} failed: {message.splitlines()[-1]}", traceback)
+    return InternalError(f"{where} failed: {last}", traceback)
 
 
 def _quiet_launcher_logs() -> None:

@@ -178,7 +178,8 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
         # nn.Module.to: diffusers' own .to warns about float32 modules this architecture lacks.
         return torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
     try:
-        vae = cls.from_pretrained(spec.source, subfolder=spec.subfolder or None, torch_dtype=dtype)
+        vae = cls.from_pretrained(spec.source, subfolder=spec.subfolder or None, torch_dtype=dtype,
+                                  use_safetensors=True)  # never unpickle weights
     except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...
         raise VaeparError(f"model '{spec.name}': cannot load weights: {exc}") from None
     return vae.to(device).eval().requires_grad_(False)
