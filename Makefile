@@ -1,10 +1,14 @@
 # Set-up on a fresh machine: `make demo` (decode on an embedded default) and `make test`.
+# `make test-min` runs the suite on the lowest diffusers release vaepar supports (vaepar/compat.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MIN_VENV := .venv-min
+DIFFUSERS_MIN := $(shell sed -n 's/^DIFFUSERS = ("\([^"]*\)".*/\1/p' vaepar/compat.py)
+MIN_STAMP := $(MIN_VENV)/.installed-$(DIFFUSERS_MIN)
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-min venv clean
 
 venv: $(STAMP)
 
@@ -15,11 +19,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(MIN_STAMP): pyproject.toml vaepar/compat.py
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(MIN_VENV)/bin/python -m pip install -q -e '.[dev]' 'diffusers==$(DIFFUSERS_MIN)'
+	touch $(MIN_STAMP)
+
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) out .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,5 +117,16 @@ def reference_wan_decode(model_dir: Path, z: torch.Tensor, *, tile: int | None,
                               tile_sample_stride_height=stride, tile_sample_stride_width=stride)
         with torch.no_grad():
             return vae.decode(z).sample
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread, as vaepar's workers use in the exactness tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)

@@ -208,7 +208,7 @@ def test_unsupported_diffusers_fails_early(monkeypatch: pytest.MonkeyPatch) -> N
     compat.check_diffusers()  # the installed release is supported
     low, high = compat.DIFFUSERS
     compat.check_diffusers(low)
-    for version in ("0.34.0", high):
+    for version in ("0.35.2", high):
         with pytest.raises(VaeparError, match=rf"diffusers {version} is not supported.*pip install"):
             compat.check_diffusers(version)
     monkeypatch.setattr(diffusers, "__version__", "0.20.0")

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import reference_decode, reference_wan_decode, save_latents
+from conftest import reference_decode, reference_wan_decode, save_latents, single_thread
 from vaepar import launch, plan, shard, worker
 from vaepar.cli import app
 from vaepar.comm import Comm
@@ -83,16 +82,6 @@ def shape_of(model: str, task: str, dims: tuple[int, int, int], frames: int) -> 
 
 
 # -- the launches ------------------------------------------------------------------------------
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def reference(model_dir: Path, task: str, x: torch.Tensor) -> torch.Tensor:
     """diffusers' own untiled decode / encode (mode), single-threaded."""
@@ -491,7 +480,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
         check("(local kl attention)", originals["kl attention"](x4[..., a:b, :]),
               originals["kl attention"](x4)[..., a:b, :])
     errs["(gathers, reductions)"] = (float(ctx.gathers), float(ctx.reductions))
-    every = comm.gather_objects(errs)
+    every = comm.gather_all(errs)
     if comm.rank != 0:
         return None
     return {k: (max(e[k][0] for e in every), max(e[k][1] for e in every)) for k in errs}

@@ -25,7 +25,11 @@ def backend_for(device_type: str) -> str:
 
 @dataclass(kw_only=True, slots=True)
 class Comm:
-    """This worker's place in the group, and a key-value store shared by all workers."""
+    """This worker's place in the group, and a key-value store shared by all workers.
+
+    ``rank`` and ``world`` are within ``group`` (None: the default group); peers are named by
+    their rank in the group and translated for torch.distributed.
+    """
 
     rank: int = 0
     world: int = 1
@@ -33,6 +37,18 @@ class Comm:
     node_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     store: Any = None
+    group: Any = None
+
+    @staticmethod
+    def of_group(group: Any, device: torch.device) -> Comm:
+        """The ranks of a process group the caller set up (None: the default group, if any)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return Comm(device=device)
+        return Comm(rank=dist.get_rank(group), world=dist.get_world_size(group), device=device, group=group)
+
+    def peer(self, rank: int) -> int:
+        """The global rank of ``rank`` in this group."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     @staticmethod
     def join(device_type: str) -> Comm:
@@ -63,8 +79,8 @@ class Comm:
 
     def exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
         """Point-to-point transfers posted together; both sides must list matching pairs in order."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.peer(p), self.group) for p, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group) for p, t in recvs]
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
@@ -74,11 +90,15 @@ class Comm:
         if self.world == 1:
             assert tensor is not None
             return tensor.to(self.device)
-        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
-        dist.broadcast_object_list(meta, src=0, device=self._object_device())
-        shape, dtype = meta[0]
+        meta = self.broadcast_object((tuple(tensor.shape), tensor.dtype) if tensor is not None else None)
+        shape, dtype = meta
         buf = tensor.to(self.device).contiguous() if tensor is not None else torch.empty(shape, dtype=dtype, device=self.device)
-        dist.broadcast(buf, src=0)
+        return self.broadcast_from(0, buf)
+
+    def broadcast_from(self, src: int, buf: torch.Tensor) -> torch.Tensor:
+        """Rank ``src``'s ``buf`` into every rank's ``buf`` (same shape and dtype everywhere)."""
+        if self.world > 1:
+            dist.broadcast(buf, src=self.peer(src), group=self.group)
         return buf
 
     def barrier(self) -> None:
@@ -86,14 +106,14 @@ class Comm:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        dist.broadcast_object_list(box, src=self.peer(0), group=self.group, device=self._object_device())
         return box[0]
 
     def agree(self, error: str | None) -> None:
@@ -117,7 +137,7 @@ class Comm:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def _object_device(self) -> torch.device | None:

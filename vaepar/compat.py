@@ -15,8 +15,10 @@ from torch import nn
 
 from vaepar.errors import VaeparError
 
-# Keep in step with pyproject.toml (tests/test_compat.py checks): lowest and first unsupported.
-DIFFUSERS = ("0.35.0", "0.43")
+# Lowest tested and first unsupported release; pyproject.toml pins the same (tests/test_hardening.py
+# checks). 0.35.x is out: its Wan 2.2 tiled decode omits ``first_chunk`` and its tiled encode skips
+# patchifying, so diffusers' own reference results are wrong there.
+DIFFUSERS = ("0.36.0", "0.43")
 WAN_ATTRIBUTES = ("_feat_map", "_conv_idx", "_enc_feat_map", "_enc_conv_idx", "clear_cache")
 
 

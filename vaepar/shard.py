@@ -98,7 +98,23 @@ def sharding(ctx: Context) -> Iterator[Context]:
         _current = previous
 
 
-class HaloConv2d(nn.Module):
+class _Wrapper(nn.Module):
+    """A stand-in that still answers for its original: ``wrapper.weight``, ``.processor``, ...
+    reach the wrapped module, so code that inspects the model (pipelines checking an attention
+    processor or a weight's dtype) works unchanged."""
+
+    _OWN = frozenset({"inner", "down", "block", "conv", "norm", "halo", "pad", "w_pad"})
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in _Wrapper._OWN:  # private, or not built yet (copy, unpickle)
+                raise
+            return getattr(original(self), name)
+
+
+class HaloConv2d(_Wrapper):
     """A 2-D convolution whose zero padding along H is replaced, between bands, by neighbours' rows.
 
     ``pad`` = (top, bottom) rows the convolution pads along H; ``inner`` is what to call when not
@@ -139,7 +155,7 @@ class HaloConv2d(nn.Module):
         return out
 
 
-class HaloCausalConv3d(nn.Module):
+class HaloCausalConv3d(_Wrapper):
     """Wan's causal 3-D convolution: time cache per band, halo rows exchanged on the cache-extended
     input, zero padding only at the global edges."""
 
@@ -176,7 +192,7 @@ class HaloCausalConv3d(nn.Module):
         return buf
 
 
-class ShardGroupNorm(nn.Module):
+class ShardGroupNorm(_Wrapper):
     """GroupNorm with statistics over all bands: mean first, then the centred sum of squares."""
 
     def __init__(self, norm: nn.GroupNorm) -> None:
@@ -221,7 +237,7 @@ def normalize(x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, var: torch.
     return torch.addcmul(shift.view(view), xf.view(x.shape), scale.view(view)).to(x.dtype)
 
 
-class GatheredAttention(nn.Module):
+class GatheredAttention(_Wrapper):
     """Attention over all bands: gather along H, run the original block, keep this band's rows."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -276,7 +292,7 @@ def _is_pad_then_stride2(m: nn.Module) -> bool:
             and tuple(m[0].padding) == (0, 1, 0, 1) and isinstance(m[1], nn.Conv2d) and m[1].stride == (2, 2))
 
 
-class _ShardDownsample(nn.Module):
+class _ShardDownsample(_Wrapper):
     """diffusers' Downsample2D with ``padding=0``: pads (0, 1, 0, 1), then a stride-2 convolution."""
 
     def __init__(self, down: nn.Module) -> None:
@@ -289,6 +305,33 @@ class _ShardDownsample(nn.Module):
 
 
 _WRAPPERS = (GatheredAttention, HaloConv2d, HaloCausalConv3d, ShardGroupNorm, _ShardDownsample)
+
+
+def original(wrapper: nn.Module) -> nn.Module:
+    """The module a wrapper stands in for."""
+    if isinstance(wrapper, HaloConv2d):
+        return wrapper.inner
+    if isinstance(wrapper, _ShardDownsample):
+        return wrapper.down
+    if isinstance(wrapper, GatheredAttention):
+        return wrapper.block
+    if isinstance(wrapper, HaloCausalConv3d):
+        return wrapper.conv
+    assert isinstance(wrapper, ShardGroupNorm)
+    return wrapper.norm
+
+
+def uninstall(model: nn.Module) -> int:
+    """Put back the modules :func:`install` swapped, in place; returns how many."""
+    restored = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, _WRAPPERS):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _WRAPPERS):
+                setattr(parent, name, original(child))
+                restored += 1
+    return restored
 
 
 @dataclass(kw_only=True, slots=True)
@@ -304,8 +347,9 @@ class BandStats:
 
 def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], int],
         fn: Callable[[torch.Tensor], torch.Tensor], comm: Comm, *, halo: int | None = None,
-        groups: dict[int, object] | None = None) -> tuple[torch.Tensor | None, BandStats]:
-    """Run ``fn`` on this rank's band of ``x``; rank 0 returns all bands' outputs joined along H.
+        groups: dict[int, object] | None = None, share: bool = False) -> tuple[torch.Tensor | None, BandStats]:
+    """Run ``fn`` on this rank's band of ``x``; rank 0 (every rank if ``share``) returns all bands'
+    outputs joined along H.
 
     ``x`` has ``units * unit_in`` rows; a band of ``u`` units yields ``unit_out_of(u)`` output rows.
     ``halo`` None: shard (exchange inside every layer); an int: patch with that many units of margin.
@@ -325,7 +369,8 @@ def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], 
             out = full[..., start : start + unit_out_of(b - a), :]
     elif comm.world > 1 and halo is None:
         _group(comm, len(bands), groups)  # new_group is collective over all ranks
-    return _gather_bands(out, [unit_out_of(b - a) for a, b in bands], comm), stats
+    rows = [unit_out_of(b - a) for a, b in bands]
+    return (_share_bands(out, rows, comm) if share else _gather_bands(out, rows, comm)), stats
 
 
 def _shard_band(x: torch.Tensor, a: int, b: int, unit_in: int, fn: Callable[[torch.Tensor], torch.Tensor],
@@ -342,13 +387,26 @@ def _shard_band(x: torch.Tensor, a: int, b: int, unit_in: int, fn: Callable[[tor
 
 
 def _group(comm: Comm, active: int, groups: dict[int, object] | None) -> object:
-    """The process group of ranks ``0..active-1`` (None: the whole world), made once per size."""
+    """The process group of ranks ``0..active-1`` (the comm's own group when all are active),
+    made once per size."""
     if comm.world == 1 or active == comm.world:
-        return None
+        return comm.group
+    assert comm.group is None, "a sub-group of a caller's group would need every process of the world"
     cache = groups if groups is not None else {}
     if active not in cache:
         cache[active] = dist.new_group(list(range(active)))
     return cache[active]
+
+
+def _share_bands(out: torch.Tensor | None, rows: list[int], comm: Comm) -> torch.Tensor:
+    """Every rank receives every band's output rows: one broadcast per band, nothing padded."""
+    lead, width, dtype = comm.broadcast_object((tuple(out.shape[:-2]), out.shape[-1], out.dtype)
+                                               if comm.rank == 0 and out is not None else None)
+    parts = [out if r == comm.rank and out is not None
+             else torch.empty((*lead, n, width), dtype=dtype, device=comm.device) for r, n in enumerate(rows)]
+    for r, part in enumerate(parts):
+        comm.broadcast_from(r, part)
+    return torch.cat(parts, dim=-2)
 
 
 def _gather_bands(out: torch.Tensor | None, rows: list[int], comm: Comm) -> torch.Tensor | None:

@@ -18,15 +18,17 @@ from vaepar.comm import Comm
 RunTile = Callable[[torch.Tensor], torch.Tensor]
 
 
-def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm) -> torch.Tensor | None:
-    """Run every tile of ``x`` (``(..., H, W)``) on its owner; the merged result on rank 0."""
+def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm, *, share: bool = False) -> torch.Tensor | None:
+    """Run every tile of ``x`` (``(..., H, W)``) on its owner; the merged result on rank 0 (on
+    every rank if ``share``)."""
     owners = plan.assign(grid.weights(), comm.world)
     raw = {t: run_tile(tile_input(x, grid, t)) for t in range(grid.count) if owners[t] == comm.rank}
     if all(r == 0 for r in owners):
-        return blend.merge([raw[t] for t in range(grid.count)], grid) if comm.rank == 0 else None
+        out = blend.merge([raw[t] for t in range(grid.count)], grid) if comm.rank == 0 else None
+        return comm.broadcast(out) if share else out
     # Holds for every grid whose cores follow the stride (plan.Axis.aligned), the only ones planned.
     assert grid.strips_suffice()
-    return _merge_from_strips(raw, grid, owners, comm, _lead_shape(raw, comm))
+    return _merge_from_strips(raw, grid, owners, comm, _lead_shape(raw, comm), share)
 
 
 def tile_input(x: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
@@ -36,9 +38,10 @@ def tile_input(x: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
     return x[..., r.starts[i] : r.starts[i] + r.sizes[i], c.starts[j] : c.starts[j] + c.sizes[j]]
 
 
-def _lead_shape(raw: dict[int, torch.Tensor], comm: Comm) -> tuple[int, ...]:
-    """Leading (non-spatial) output dims, from rank 0's first tile (rank 0 always owns tile 0)."""
-    mine = tuple(raw[0].shape[:-2]) if comm.rank == 0 else None
+def _lead_shape(raw: dict[int, torch.Tensor], comm: Comm) -> tuple[tuple[int, ...], torch.dtype]:
+    """Leading (non-spatial) output dims and dtype, from rank 0's first tile (rank 0 always owns
+    tile 0)."""
+    mine = (tuple(raw[0].shape[:-2]), raw[0].dtype) if comm.rank == 0 else None
     return comm.broadcast_object(mine)
 
 
@@ -70,10 +73,9 @@ def _strip_shape(grid: plan.Grid, src: int, rows: slice, cols: slice, lead: tupl
 
 def _merge_from_strips(
     raw: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
-    lead: tuple[int, ...],
+    meta: tuple[tuple[int, ...], torch.dtype], share: bool,
 ) -> torch.Tensor | None:
-    like = next(iter(raw.values()), None)
-    dtype = like.dtype if like is not None else None
+    lead, dtype = meta
     got: dict[tuple[int, str], torch.Tensor] = {}
     sends, recvs = [], []
     for u in range(grid.count):
@@ -91,7 +93,34 @@ def _merge_from_strips(
     for t in sorted(raw):
         merged = blend.finish_tile(raw[t], got.get((t, "up")), got.get((t, "left")), got.get((t, "corner")))
         cores[t] = blend.core(merged, grid, *grid.position(t))
+    if share:
+        return _share_cores(cores, grid, owners, comm, lead, dtype)
     return _gather_cores(cores, grid, owners, comm, lead)
+
+
+def _target(out: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
+    """Where tile ``t``'s core lands in the result."""
+    i, j = grid.position(t)
+    (_, h), (_, w) = grid.rows.span(i), grid.cols.span(j)
+    return out[..., grid.rows.offsets[i] : grid.rows.offsets[i] + h, grid.cols.offsets[j] : grid.cols.offsets[j] + w]
+
+
+def _share_cores(cores: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
+                 lead: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Every rank receives every core: each owner broadcasts its cores as one flat buffer."""
+    out = torch.empty((*lead, grid.rows.length, grid.cols.length), dtype=dtype, device=comm.device)
+    for r in sorted(set(owners)):
+        tiles = [t for t in range(grid.count) if owners[t] == r and _target(out, grid, t).numel()]
+        sizes = [_target(out, grid, t).numel() for t in tiles]
+        if r == comm.rank:
+            flat = torch.cat([cores[t].reshape(-1) for t in tiles]) if tiles else out.new_empty(0)
+        else:
+            flat = out.new_empty(sum(sizes))
+        comm.broadcast_from(r, flat)
+        for t, piece in zip(tiles, flat.split(sizes)):
+            target = _target(out, grid, t)
+            target.copy_(piece.view(target.shape))
+    return out
 
 
 def _gather_cores(
@@ -105,14 +134,11 @@ def _gather_cores(
     out = torch.empty((*lead, grid.rows.length, grid.cols.length), dtype=cores[0].dtype, device=comm.device)
     recvs, places = [], []
     for t in range(grid.count):
-        i, j = grid.position(t)
-        (_, h), (_, w) = grid.rows.span(i), grid.cols.span(j)
-        target = out[..., grid.rows.offsets[i] : grid.rows.offsets[i] + h,
-                     grid.cols.offsets[j] : grid.cols.offsets[j] + w]
+        target = _target(out, grid, t)
         if owners[t] == 0:
             target.copy_(cores[t])
-        elif h and w:
-            buf = torch.empty((*lead, h, w), dtype=out.dtype, device=comm.device)
+        elif target.numel():
+            buf = torch.empty_like(target)
             recvs.append((owners[t], buf))
             places.append((target, buf))
     comm.exchange([], recvs)

@@ -15,12 +15,13 @@ from typing import TypeVar
 
 import torch
 
-from vaepar import compat, latents, outputs, pixels, plan, shard, tiled
+from vaepar import compat, engine, latents, outputs, pixels, plan, shard
+from vaepar.engine import latent_rows
 from vaepar.comm import Comm
 from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
-from vaepar.vae import Family, ModelSpec, decode_grid, default_tile, encode_grid, load, patch_size
+from vaepar.vae import Family, ModelSpec, load
 
 T = TypeVar("T")
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
@@ -124,39 +125,8 @@ class BenchResult:
 
 
 def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 1) -> tuple[str, plan.Grid]:
-    """The strategy and tile grid for an input of ``shape``, the same on every rank.
-
-    ``shape`` is the latent's (decode) or the pixels' as the encoder's tiles slice them (encode).
-    ``auto``: ``shard`` on several workers when the input has at least two latent rows and no tile
-    size was given; otherwise ``tiled`` when the input is larger than one tile (diffusers' own
-    test), else ``none``.
-    ``shard`` and ``patch`` split rows into bands; their grid is the untiled one.
-    """
-    h, w = shape[-2], shape[-1]
-    tile = cfg.tile_size or default_tile(cfg.model)
-    make = decode_grid if task == "decode" else encode_grid
-    untiled = make(cfg.model, h, w, None, cfg.tile_overlap)
-    strategy = cfg.strategy
-    if strategy == "auto" and world > 1 and cfg.tile_size is None and latent_rows(cfg.model, task, h) >= 2:
-        strategy = "shard"
-    if strategy in ("none", "shard", "patch"):
-        return strategy, untiled
-    grid = make(cfg.model, h, w, tile, cfg.tile_overlap)
-    if strategy == "auto":
-        strategy = "tiled" if grid.tiled else "none"
-        if strategy == "none":
-            return strategy, untiled
-    if not (grid.rows.aligned() and grid.cols.aligned()):
-        raise VaeparError(
-            f"tile size {tile} with overlap {cfg.tile_overlap} puts tile cores out of step with the "
-            "tile stride (diffusers would return a wrongly sized result); pick an overlap that makes "
-            "tile * overlap a multiple of the model's scale")
-    return strategy, grid
-
-
-def latent_rows(spec: ModelSpec, task: str, h: int) -> int:
-    """Latent rows of an input with ``h`` rows (encode: pixel rows as the encoder's tiles see them)."""
-    return h if task == "decode" else h // (spec.scale // patch_size(spec))
+    """The strategy and tile grid for an input of ``shape`` under ``cfg`` (:func:`engine.choose`)."""
+    return engine.choose(cfg.model, cfg.strategy, cfg.tile_size, cfg.tile_overlap, task, shape, world)
 
 
 class Worker:
@@ -221,10 +191,7 @@ class Worker:
              label: str) -> tuple[torch.Tensor | None, list[RankStats], int]:
         """Every rank runs its share; rank 0 gets the joined result, everyone's stats and the
         number of parts (tiles or bands)."""
-        tile_fn = self.family.decode_tile if task == "decode" else self.family.encode_tile
-        banded = strategy in ("shard", "patch")
-        rows = latent_rows(self.cfg.model, task, x.shape[-2])
-        parts = len(plan.bands(rows, self.comm.world)) if banded else grid.count
+        parts = engine.part_count(strategy, grid, latent_rows(self.cfg.model, task, x.shape[-2]), self.comm.world)
         self.jobs_started += 1
         ticker = Ticker(self.comm, f"job{self.jobs_started}", parts * self.family.steps(x, task), label,
                         self.cfg.show_progress)
@@ -232,29 +199,18 @@ class Worker:
         stats = RankStats(rank=self.comm.rank, device=str(self.comm.device))
         busy = Stopwatch()
 
-        def run_part(part: torch.Tensor) -> torch.Tensor:
+        def counted() -> None:
             stats.tiles += 1
-            return tile_fn(part, tiled=grid.tiled, tick=ticker.tick)
 
         try:
-            if banded:
-                out = self._run_bands(task, strategy, x, rows, run_part, stats)
-            else:
-                out = tiled.run(x, grid, run_part, self.comm)
+            out, band = engine.execute(self.family, task, strategy, x, grid, self.comm, halo=self.cfg.halo,
+                                       groups=self.groups, tick=ticker.tick, on_part=counted)
         finally:
             ticker.close()
+        if band is not None:
+            stats.band, stats.exchanges, stats.bytes_sent = list(band.band), band.exchanges, band.bytes_sent
         stats.busy_s, stats.peak_mem_bytes = busy.elapsed(), self.meter.peak()
         return out, self.comm.gather_all(stats), parts
-
-    def _run_bands(self, task: str, strategy: str, x: torch.Tensor, rows: int,
-                   run_part: Callable[[torch.Tensor], torch.Tensor], stats: RankStats) -> torch.Tensor | None:
-        spec = self.cfg.model
-        unit_in = 1 if task == "decode" else spec.scale // patch_size(spec)
-        unit_out = spec.scale // patch_size(spec) if task == "decode" else 1
-        out, band = shard.run(x, rows, unit_in, lambda u: u * unit_out, run_part, self.comm,
-                              halo=self.cfg.halo if strategy == "patch" else None, groups=self.groups)
-        stats.band, stats.exchanges, stats.bytes_sent = list(band.band), band.exchanges, band.bytes_sent
-        return out
 
     @torch.inference_mode()
     def bench(self, job: BenchJob) -> BenchResult | None:

@@ -1,0 +1,89 @@
+"""The engine: one decode or encode of one input by one strategy over a group of ranks.
+
+Every front-end runs here: the CLI worker (result on rank 0, which writes it) and
+:func:`vaepar.parallelize` (result on every rank). :func:`choose` picks the strategy and tile
+grid (pure, the same on every rank); :func:`execute` runs it: ``none`` and ``tiled`` through
+:mod:`vaepar.tiled`, ``shard`` and ``patch`` through :mod:`vaepar.shard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vaepar import plan, shard, tiled
+from vaepar.comm import Comm
+from vaepar.errors import VaeparError
+from vaepar.vae import Family, ModelSpec, Tick, decode_grid, default_tile, encode_grid, patch_size
+
+BANDED = ("shard", "patch")
+
+
+def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: float, task: str,
+           shape: tuple[int, ...], world: int = 1) -> tuple[str, plan.Grid]:
+    """The strategy and tile grid for an input of ``shape``, the same on every rank.
+
+    ``shape`` is the latent's (decode) or the pixels' as the encoder's tiles slice them (encode).
+    ``auto``: ``shard`` on several workers when the input has at least two latent rows and no tile
+    size was given; otherwise ``tiled`` when the input is larger than one tile (diffusers' own
+    test), else ``none``. ``shard`` and ``patch`` split rows into bands; their grid is the untiled one.
+    """
+    h, w = shape[-2], shape[-1]
+    tile = tile_size or default_tile(spec)
+    make = decode_grid if task == "decode" else encode_grid
+    untiled = make(spec, h, w, None, tile_overlap)
+    if strategy == "auto" and world > 1 and tile_size is None and latent_rows(spec, task, h) >= 2:
+        strategy = "shard"
+    if strategy in ("none", *BANDED):
+        return strategy, untiled
+    grid = make(spec, h, w, tile, tile_overlap)
+    if strategy == "auto":
+        strategy = "tiled" if grid.tiled else "none"
+        if strategy == "none":
+            return strategy, untiled
+    if not (grid.rows.aligned() and grid.cols.aligned()):
+        raise VaeparError(
+            f"tile size {tile} with overlap {tile_overlap} puts tile cores out of step with the "
+            "tile stride (diffusers would return a wrongly sized result); pick an overlap that makes "
+            "tile * overlap a multiple of the model's scale")
+    return strategy, grid
+
+
+def latent_rows(spec: ModelSpec, task: str, h: int) -> int:
+    """Latent rows of an input with ``h`` rows (encode: pixel rows as the encoder's tiles see them)."""
+    return h if task == "decode" else h // (spec.scale // patch_size(spec))
+
+
+def part_count(strategy: str, grid: plan.Grid, rows: int, world: int) -> int:
+    """Tiles (none, tiled) or bands (shard, patch) the job is split into."""
+    return len(plan.bands(rows, world)) if strategy in BANDED else grid.count
+
+
+def _no_tick(n: int) -> None:
+    pass
+
+
+def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid, comm: Comm, *,
+            halo: int = 8, groups: dict[int, object] | None = None, tick: Tick = _no_tick,
+            on_part: Callable[[], None] | None = None,
+            share: bool = False) -> tuple[torch.Tensor | None, shard.BandStats | None]:
+    """Run ``task`` on ``x`` by ``strategy``: every rank its share, then the joined raw result
+    (decoder output, or latent moments) on rank 0, or on every rank when ``share``.
+
+    Returns the result (None where it is not kept) and, for banded strategies, this rank's band
+    statistics.
+    """
+    tile_fn = family.decode_tile if task == "decode" else family.encode_tile
+
+    def run_part(part: torch.Tensor) -> torch.Tensor:
+        if on_part is not None:
+            on_part()
+        return tile_fn(part, tiled=grid.tiled, tick=tick)
+
+    if strategy not in BANDED:
+        return tiled.run(x, grid, run_part, comm, share=share), None
+    unit = family.spec.scale // patch_size(family.spec)
+    unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
+    return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out, run_part,
+                     comm, halo=halo if strategy == "patch" else None, groups=groups, share=share)
