@@ -75,7 +75,7 @@ def test_png_to_latents_to_png_through_the_cli(latents: Path, tmp_path: Path) ->
     cli("decode", str(latents), "--out", str(tmp_path / "back.png"))
     got = psnr(pixels(tmp_path / "back.png"), pixels(PHOTO), 255.0)
     print(f"\ntiny round trip of {PHOTO.name} through the CLI: {got:.2f} dB")
-    assert got >= 22.0
+    assert got >= 29.0  # 29.82 dB measured (docs/tiny-vae.md); the previous model gave 27.23 dB
 
 
 def test_shard_equals_untiled_and_tiled_differs_measurably(latents: Path, tmp_path: Path) -> None:
@@ -89,7 +89,28 @@ def test_shard_equals_untiled_and_tiled_differs_measurably(latents: Path, tmp_pa
           f"max |diff| {tiled_err:.3f}, PSNR {psnr(tiled, untiled, 2.0):.2f} dB (range [-1, 1])")
     assert shard_err <= 1e-4 * scale
     assert tiled_err > 1e-3  # tiles see less context: a real, visible difference...
-    assert psnr(tiled, untiled, 2.0) >= 25.0  # ...that the blend keeps small
+    assert psnr(tiled, untiled, 2.0) >= 40.0  # ...that the blend keeps small (46.4 dB measured)
+
+
+def test_round_trip_on_a_held_out_photo_from_outside_skimage(spec: models.ModelSpec) -> None:
+    """matplotlib's grace_hopper.jpg, never trained on (scripts/train_tiny_vae.py HELD_OUT): encode ->
+    mode -> decode, untiled, float32, uint8 PSNR, as the training script's --eval-only measures it."""
+    from diffusers import AutoencoderKL
+    from matplotlib import cbook
+
+    from vaepar.outputs import to_uint8
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        img = np.array(Image.open(f).convert("RGB"))
+    top, left = (img.shape[0] - 256) // 2, (img.shape[1] - 256) // 2
+    img = img[top:top + 256, left:left + 256]
+    vae = AutoencoderKL.from_pretrained(Path(spec.source) / spec.subfolder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+        y = to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0]
+    got = psnr(y, img, 255.0)
+    print(f"\ntiny round trip of grace_hopper.jpg, centre 256: {got:.2f} dB")
+    assert got >= 27.0  # 27.87 dB measured; the previous model gave 24.30 dB
 
 
 def test_bench_runs_offline_on_tiny(tmp_path: Path) -> None:
