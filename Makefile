@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MIN_VENV := .venv-min
-DIFFUSERS_MIN := $(shell sed -n 's/^DIFFUSERS = ("\([^"]*\)".*/\1/p' vaepar/compat.py)
+DIFFUSERS_MIN := $(shell grep -m1 '^DIFFUSERS = ' vaepar/compat.py | cut -d'"' -f2)
 MIN_STAMP := $(MIN_VENV)/.installed-$(DIFFUSERS_MIN)
 
 .PHONY: demo test test-min venv clean
