@@ -88,6 +88,12 @@ def checks(paths: dict[str, str], data: dict[str, dict[str, torch.Tensor]], dit:
             got[f"{name} restored keys"] = sorted(vae.state_dict())
         if dit is not None:
             got["dit"] = run_dit(dit, parallel=True)
+        vae = vaepar.parallelize(load("kl4", paths["kl4"]))
+        try:  # a rank-dependent input: refused on every rank, never a hang
+            with torch.no_grad():
+                vae.decode(torch.randn(1, 4, 7 + dist.get_rank(), 9))
+        except ValueError as exc:
+            got["mismatch"] = str(exc)
     finally:
         dist.destroy_process_group()
     return got
@@ -180,6 +186,7 @@ def test_parallelize_on_every_rank(setup: tuple[dict[str, str], dict[str, Any], 
             assert torch.equal(got[f"{name} tile_size decode"], ref["tiled decode"]), f"{where} tile_size"
             assert torch.equal(got[f"{name} restored decode"], ref["decode"]), where
             assert got[f"{name} restored keys"] == ref["keys"], where
+        assert "every rank must decode the same input" in got.get("mismatch", ""), where
     if nproc == 2:
         with single_thread(), torch.no_grad():
             want = run_dit(str(dit), parallel=False)

@@ -74,7 +74,9 @@ def parallelize(vae: nn.Module, *, strategy: str = "auto", group: Any = None, ti
 
     Cost: besides the strategy's own traffic (halo rows, GroupNorm sums, attention gathers for
     ``shard``; blend strips for ``tiled``), every rank receives the whole result once: each rank
-    broadcasts its own rows (``shard``, ``patch``) or tile cores (``tiled``), nothing padded.
+    broadcasts its own rows (``shard``, ``patch``) or tile cores (``tiled``), nothing padded. One
+    small object all-gather per call checks that every rank passed the same shape and dtype
+    (different inputs raise ``ValueError`` on every rank instead of hanging).
     Call under ``torch.no_grad()`` or ``torch.inference_mode()`` (no backward pass).
 
     Example (run with ``torchrun --nproc-per-node 2 script.py``)::
@@ -137,6 +139,9 @@ def _run(vae: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor | None:
     if torch.is_grad_enabled():
         raise RuntimeError("vaepar's parallel decode/encode has no backward pass: call it under "
                            "torch.no_grad() or torch.inference_mode()")
+    shapes = comm.gather_all((tuple(x.shape), str(x.dtype)))
+    if len(set(shapes)) > 1:  # plans would differ, and the collectives would never match
+        raise ValueError(f"vaepar: every rank must {task} the same input, got (shape, dtype) per rank: {shapes}")
     family, spec = state.family, state.family.spec
     if task == "encode":
         x = family.prepare_encode(x)
