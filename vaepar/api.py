@@ -145,8 +145,8 @@ def _run(vae: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor | None:
     family, spec = state.family, state.family.spec
     if task == "encode":
         x = family.prepare_encode(x)
-    tile, overlap, strategy = _tiling(vae, state.options)
-    strategy, grid = engine.choose(spec, strategy, tile, overlap, task, tuple(x.shape), comm.world)
+    tile, overlap = _tiling(vae, state.options, spec)
+    strategy, grid = engine.choose(spec, state.options.strategy, tile, overlap, task, tuple(x.shape), comm.world)
     rows = engine.latent_rows(spec, task, x.shape[-2])
     if strategy == "none" or (strategy in engine.BANDED and rows < comm.world):
         return None
@@ -156,23 +156,18 @@ def _run(vae: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def _tiling(vae: nn.Module, options: Options) -> tuple[int | None, float, str]:
-    """Tile size, overlap and strategy: the options', else the VAE's own tiling attributes when
-    ``vae.enable_tiling()`` was called (``auto`` then means ``tiled``)."""
+def _tiling(vae: nn.Module, options: Options, spec: ModelSpec) -> tuple[int | None, float]:
+    """Tile size and overlap: the options', else the VAE's own tiling attributes when
+    ``vae.enable_tiling()`` was called (a tile size makes ``auto`` choose ``tiled``)."""
     if options.tile_size is not None or not getattr(vae, "use_tiling", False):
-        strategy = "tiled" if options.strategy == "auto" and options.tile_size is not None else options.strategy
-        return options.tile_size, options.tile_overlap, strategy
-    strategy = "tiled" if options.strategy == "auto" else options.strategy
-    if type(vae).__name__ == "AutoencoderKLWan":
+        return options.tile_size, options.tile_overlap
+    if spec.is_video:
         size, stride = vae.tile_sample_min_height, vae.tile_sample_stride_height
         if (size, stride) != (vae.tile_sample_min_width, vae.tile_sample_stride_width):
             raise OptionError("vaepar's tiled strategy needs square tiles: tile_sample_min_height/width and "
                               "tile_sample_stride_height/width must be equal")
-        overlap = 1 - stride / size
-        if int(size * (1 - overlap)) != stride:
-            overlap = 1 - (stride + 0.5) / size
-        return size, overlap, strategy
+        return size, 1 - (stride + 0.5) / size  # the overlap whose int(size * (1 - overlap)) is stride
     size = vae.tile_sample_min_size
-    if vae.tile_latent_min_size != size // (2 ** (len(vae.config.block_out_channels) - 1)):
+    if vae.tile_latent_min_size != size // spec.scale:
         raise OptionError("vaepar's tiled strategy needs tile_latent_min_size = tile_sample_min_size // scale")
-    return size, vae.tile_overlap_factor, strategy
+    return size, vae.tile_overlap_factor

@@ -66,7 +66,10 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Per-rank details
 Debug = Annotated[bool, typer.Option("--debug", envvar="VAEPAR_DEBUG", help=(
     "Print the traceback of an internal error (also: VAEPAR_DEBUG=1)."))]
 
-DEFAULT_OVERLAP, DEFAULT_HALO, DEFAULT_FPS, DEFAULT_QUALITY = 0.25, 8, 16, 8
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: the others keep :class:`worker.WorkerConfig`'s defaults."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -212,10 +215,9 @@ def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, 
         model=spec, device=device, dtype=_compute_dtype(run, spec, device),
         threads=w.threads if w.threads is not None else (launch.default_threads(nproc) if device == "cpu" else None),
         strategy=run.strategy, tile_size=run.tile_size,
-        tile_overlap=run.tile_overlap if run.tile_overlap is not None else DEFAULT_OVERLAP,
         factors=None if run.raw else Factors.of(spec, run.scaling_factor, run.shift_factor),
-        halo=run.halo if run.halo is not None else DEFAULT_HALO, show_progress=not run.quiet,
-        verbose=run.verbose, **extra,
+        show_progress=not run.quiet, verbose=run.verbose,
+        **_given(tile_overlap=run.tile_overlap, halo=run.halo, **extra),
     )
     return group, cfg
 
@@ -257,8 +259,7 @@ def _decode(inputs: list[Path], *, out: Path, model: str | None, subfolder: str 
         ext = _output_format(inputs, out, fmt, spec)
         if ext != "mp4" and (fps is not None or quality is not None):
             raise OptionError(f"--fps/--quality apply to MP4 output, not {ext.upper()}")
-        group, cfg = _setup(run, spec, fps=DEFAULT_FPS if fps is None else fps,
-                            quality=DEFAULT_QUALITY if quality is None else quality)
+        group, cfg = _setup(run, spec, fps=fps, quality=quality)
         home = w.node_rank == 0  # the node that reads inputs and writes outputs
         jobs = [_decode_job(source, cfg, group, height, width, home) for source in inputs]
         suffixes = outputs.VIDEO_SUFFIXES if spec.is_video else outputs.IMAGE_SUFFIXES
@@ -446,8 +447,7 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
     device = device or ("cuda" if not show_plan and __import__("torch").cuda.is_available() else "cpu")
     cfg = worker.WorkerConfig(model=spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
                               tile_size=tile_size, show_progress=False,
-                              tile_overlap=DEFAULT_OVERLAP if tile_overlap is None else tile_overlap,
-                              halo=DEFAULT_HALO if halo is None else halo)
+                              **_given(tile_overlap=tile_overlap, halo=halo))
     b = bench.BenchConfig(cfg=cfg, task=task, shape=bench.input_shape(spec, task, _resolution(resolution), frames, batch),
                           counts=counts, strategies=tuple(v.strip() for v in strategies.split(",") if v.strip()),
                           repeats=repeats, warmup=warmup)

@@ -72,12 +72,17 @@ def load(path: Path, spec: ModelSpec, *, height: int | None = None, width: int |
     return LatentFile(path=path, tensor=tensor, metadata=meta)
 
 
-def _check_finite(path: Path, t: torch.Tensor) -> None:
+def nonfinite(t: torch.Tensor) -> str | None:
+    """How many NaN and Inf values ``t`` holds (``"1 NaN, 2 Inf"``), or None if all are finite."""
     if torch.isfinite(t).all():
-        return
+        return None
     nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-    found = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-    raise VaeparError(f"{path}: latents contain non-finite values ({found}), expected finite numbers")
+    return ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+
+
+def _check_finite(path: Path, t: torch.Tensor) -> None:
+    if (found := nonfinite(t)) is not None:
+        raise VaeparError(f"{path}: latents contain non-finite values ({found}), expected finite numbers")
 
 
 def _check_image(path: Path, t: torch.Tensor, spec: ModelSpec) -> None:

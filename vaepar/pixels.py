@@ -85,15 +85,14 @@ def _tensor(path: Path) -> torch.Tensor:
 
 
 def fit(path: Path, x: torch.Tensor, multiple: int, how: str | None) -> torch.Tensor:
-    """Make H and W multiples of ``multiple``: refuse (None), centre-crop, or resize."""
+    """Make H and W multiples of ``multiple``: refuse (None), centre-crop, or resize (``how`` is
+    one of :data:`FITS`, as :func:`prepare` checked)."""
     h, w = x.shape[-2:]
     if h % multiple == 0 and w % multiple == 0:
         return x
     if how is None:
         raise VaeparError(f"{path}: size {h}x{w} is not a multiple of {multiple} (the model's scale); "
                           "pass --fit crop or --fit resize")
-    if how not in FITS:
-        raise OptionError(f"--fit must be one of {', '.join(FITS)}, got {how!r}")
     nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
     if how == "resize":
         nh, nw = max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from vaepar.errors import VaeparError
-from vaepar.latents import Factors, unpack
+from vaepar.latents import Factors, nonfinite, unpack
 from vaepar.outputs import to_uint8
 from vaepar.pixels import from_uint8
 from vaepar.vae import ModelSpec
@@ -350,11 +350,8 @@ def _from_bytes(body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torc
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     """400 naming how many NaN and Inf values ``t`` holds, if any."""
-    if bool(torch.isfinite(t).all()):
-        return
-    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-    found = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-    raise ProtocolError(f"{what} contain non-finite values ({found})")
+    if (found := nonfinite(t)) is not None:
+        raise ProtocolError(f"{what} contain non-finite values ({found})")
 
 
 # --- decode ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -101,15 +102,15 @@ def sharding(ctx: Context) -> Iterator[Context]:
 class _Wrapper(nn.Module):
     """A stand-in that still answers for its original: ``wrapper.weight``, ``.processor``, ...
     reach the wrapped module, so code that inspects the model (pipelines checking an attention
-    processor or a weight's dtype) works unchanged."""
+    processor or a weight's dtype) works unchanged. ``wraps`` names the attribute holding it."""
 
-    _OWN = frozenset({"inner", "down", "block", "conv", "norm", "halo", "pad", "w_pad"})
+    wraps: ClassVar[str]
 
     def __getattr__(self, name: str) -> object:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name in _Wrapper._OWN:  # private, or not built yet (copy, unpickle)
+            if name.startswith("_") or name == self.wraps:  # private, or not built yet (copy, unpickle)
                 raise
             return getattr(original(self), name)
 
@@ -120,6 +121,8 @@ class HaloConv2d(_Wrapper):
     ``pad`` = (top, bottom) rows the convolution pads along H; ``inner`` is what to call when not
     sharding (the original module, or the original pad-then-convolve sequence).
     """
+
+    wraps = "inner"
 
     def __init__(self, conv: nn.Conv2d, pad: tuple[int, int], inner: nn.Module, w_pad: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
@@ -159,6 +162,8 @@ class HaloCausalConv3d(_Wrapper):
     """Wan's causal 3-D convolution: time cache per band, halo rows exchanged on the cache-extended
     input, zero padding only at the global edges."""
 
+    wraps = "conv"
+
     def __init__(self, conv: nn.Module) -> None:
         super().__init__()
         self.conv = conv
@@ -194,6 +199,8 @@ class HaloCausalConv3d(_Wrapper):
 
 class ShardGroupNorm(_Wrapper):
     """GroupNorm with statistics over all bands: mean first, then the centred sum of squares."""
+
+    wraps = "norm"
 
     def __init__(self, norm: nn.GroupNorm) -> None:
         super().__init__()
@@ -240,6 +247,8 @@ def normalize(x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, var: torch.
 class GatheredAttention(_Wrapper):
     """Attention over all bands: gather along H, run the original block, keep this band's rows."""
 
+    wraps = "block"
+
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
@@ -261,7 +270,7 @@ def install(model: nn.Module) -> int:
                         for d in m.modules()}
     swapped = 0
     for parent in list(model.modules()):
-        if id(parent) in inside_attention or isinstance(parent, _WRAPPERS):
+        if id(parent) in inside_attention or isinstance(parent, _Wrapper):
             continue
         for name, child in list(parent.named_children()):
             new = _wrap(child, Attention, WanAttentionBlock, WanCausalConv3d, Downsample2D)
@@ -295,6 +304,8 @@ def _is_pad_then_stride2(m: nn.Module) -> bool:
 class _ShardDownsample(_Wrapper):
     """diffusers' Downsample2D with ``padding=0``: pads (0, 1, 0, 1), then a stride-2 convolution."""
 
+    wraps = "down"
+
     def __init__(self, down: nn.Module) -> None:
         super().__init__()
         self.down = down
@@ -304,31 +315,19 @@ class _ShardDownsample(_Wrapper):
         return self.down(x, *args, **kwargs) if _current is None else self.halo(x)
 
 
-_WRAPPERS = (GatheredAttention, HaloConv2d, HaloCausalConv3d, ShardGroupNorm, _ShardDownsample)
-
-
-def original(wrapper: nn.Module) -> nn.Module:
+def original(wrapper: _Wrapper) -> nn.Module:
     """The module a wrapper stands in for."""
-    if isinstance(wrapper, HaloConv2d):
-        return wrapper.inner
-    if isinstance(wrapper, _ShardDownsample):
-        return wrapper.down
-    if isinstance(wrapper, GatheredAttention):
-        return wrapper.block
-    if isinstance(wrapper, HaloCausalConv3d):
-        return wrapper.conv
-    assert isinstance(wrapper, ShardGroupNorm)
-    return wrapper.norm
+    return getattr(wrapper, wrapper.wraps)
 
 
 def uninstall(model: nn.Module) -> int:
     """Put back the modules :func:`install` swapped, in place; returns how many."""
     restored = 0
     for parent in list(model.modules()):
-        if isinstance(parent, _WRAPPERS):
+        if isinstance(parent, _Wrapper):
             continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, _WRAPPERS):
+            if isinstance(child, _Wrapper):
                 setattr(parent, name, original(child))
                 restored += 1
     return restored

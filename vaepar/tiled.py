@@ -109,17 +109,17 @@ def _share_cores(cores: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[
                  lead: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Every rank receives every core: each owner broadcasts its cores as one flat buffer."""
     out = torch.empty((*lead, grid.rows.length, grid.cols.length), dtype=dtype, device=comm.device)
+    targets = {t: _target(out, grid, t) for t in range(grid.count)}
     for r in sorted(set(owners)):
-        tiles = [t for t in range(grid.count) if owners[t] == r and _target(out, grid, t).numel()]
-        sizes = [_target(out, grid, t).numel() for t in tiles]
+        tiles = [t for t in range(grid.count) if owners[t] == r and targets[t].numel()]
+        sizes = [targets[t].numel() for t in tiles]
         if r == comm.rank:
             flat = torch.cat([cores[t].reshape(-1) for t in tiles]) if tiles else out.new_empty(0)
         else:
             flat = out.new_empty(sum(sizes))
         comm.broadcast_from(r, flat)
         for t, piece in zip(tiles, flat.split(sizes)):
-            target = _target(out, grid, t)
-            target.copy_(piece.view(target.shape))
+            targets[t].copy_(piece.view(targets[t].shape))
     return out
 
 

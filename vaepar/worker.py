@@ -281,10 +281,9 @@ class Worker:
 
 def check_finite(out: torch.Tensor, what: str, cfg: WorkerConfig) -> None:
     """Refuse a result with NaN or Inf (an overflow): it would be written as a black image."""
-    if torch.isfinite(out).all():
+    found = latents.nonfinite(out)
+    if found is None:
         return
-    nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
-    found = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
     remedy = "use --dtype bfloat16 or float32"
     if cfg.dtype == "float16" and cfg.model.config.get("force_upcast", False):
         remedy = "drop --no-upcast (this VAE's config asks for float32), or " + remedy
