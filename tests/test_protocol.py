@@ -103,7 +103,7 @@ class FakeServer:
             return self.decode(parse_decode(query, headers, body, self.limits))
         request = parse_encode(query, headers, body, self.limits)
         self.requests.append(request)
-        return encode_response(fake_vae_encode(request.pixels, self.limits.scale), request)
+        return encode_response(fake_vae_encode(request.pixels, self.limits.scale), request.factors, request.dtype)
 
     def decode(self, request: DecodeRequest) -> Response:
         self.requests.append(request)
@@ -112,7 +112,7 @@ class FakeServer:
         self.samples.append(fake_vae_decode(z, self.limits))
         if request.reply is Reply.MP4:
             return mp4_response(self.mp4)
-        return decode_response(self.samples[-1], request)
+        return decode_response(self.samples[-1], request.reply, request.latents.dtype)
 
 
 @pytest.fixture

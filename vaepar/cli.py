@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +22,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E402 - after the environment
 from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
 from vaepar.latents import Factors  # noqa: E402
+from vaepar.protocol import DEFAULT_MAX_PIXELS  # noqa: E402
 from vaepar.vae import ModelSpec, model_reference, patchify, resolve  # noqa: E402
 
 app = typer.Typer(
@@ -495,6 +499,117 @@ def bench(
              nproc=nproc, gpus=gpus, device=device, strategies=strategies, repeats=repeats, warmup=warmup,
              task=task, dtype=dtype, tile_size=tile_size, tile_overlap=tile_overlap, halo=halo,
              json_path=json_path, show_plan=show_plan, debug=debug)
+
+
+def _serve(*, model: str, subfolder: str | None, run: Run, http: Any, token_file: Path | None,
+           fps: int | None, quality: int | None) -> None:
+    from vaepar import server
+    from vaepar.pool import Pool
+
+    compat.check_diffusers()
+    http = replace(http, token=_token(http.token, token_file))
+    spec = resolve(model, subfolder)
+    group, cfg = _setup(run, spec, fps=fps, quality=quality)
+    cfg = replace(cfg, show_progress=False)
+    sock = server.listen(http)
+    if not http.loopback:
+        console.print(f"[bold yellow]warning:[/] listening on {escape(http.host)}, reachable from other machines"
+                      f"{'' if http.token else ' by anyone: set a token (--token-file or VAEPAR_TOKEN)'}",
+                      highlight=False, soft_wrap=True)
+    pool = Pool(group, cfg, max_queue=http.max_queue, job_timeout=http.job_timeout)
+    console.print(f"loading {spec.name} on {group.world} {cfg.device} worker(s) ...", highlight=False, soft_wrap=True)
+    try:
+        with _signals_interrupt():
+            pool.start()
+        app = server.App(pool, spec, http, worker.DTYPES[cfg.dtype])
+        base = server.url(sock, http.host)
+        server.configure_logging()
+        console.print(f"serving {spec.name} at {base} (POST /decode, POST /encode, GET /health, GET /metrics; "
+                      "Ctrl+C stops)", highlight=False, soft_wrap=True)
+        server.serve(app, sock, http)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+        pool.close()
+    console.print("stopped", highlight=False)
+
+
+def _token(token: str | None, token_file: Path | None) -> str | None:
+    if token is not None and token_file is not None:
+        raise OptionError("give the token once: --token (or VAEPAR_TOKEN) or --token-file")
+    if token_file is None:
+        return token
+    try:
+        return token_file.read_text().strip()
+    except OSError as exc:
+        raise VaeparError(f"{token_file}: cannot read the token file ({exc.strerror})") from None
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM stops a server that is still starting, as Ctrl+C does (exit 0, workers stopped)."""
+    def interrupt(sig: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "Local diffusers folder, hub id, or preset (see `vaepar presets`)."))],
+    subfolder: Subfolder = None,
+    nproc: Nproc = None,
+    gpus: Gpus = None,
+    device: Device = None,
+    threads: Threads = None,
+    strategy: Strategy = "auto",
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = None,
+    dtype: Dtype = None,
+    upcast: Upcast = True,
+    halo: Halo = None,
+    host: Annotated[str, typer.Option(help=(
+        "Address to listen on. Default: this machine only; any other address prints a warning."))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port, printed at start).")] = 8000,
+    max_queue: Annotated[int, typer.Option(help=(
+        "Requests that may wait while the workers run one; more get 503 with Retry-After."))] = 16,
+    max_pixels: Annotated[int, typer.Option(help=(
+        "Most output pixels per request (all images or frames together); more get 413."))] = DEFAULT_MAX_PIXELS,
+    token: Annotated[str | None, typer.Option(envvar="VAEPAR_TOKEN", help=(
+        "Require this token: 'Authorization: Bearer TOKEN' or ?token=TOKEN in the endpoint URL. "
+        "Prefer VAEPAR_TOKEN or --token-file (a command line is visible to other users)."))] = None,
+    token_file: Annotated[Path | None, typer.Option(help="Read the token from this file.")] = None,
+    timeout: Annotated[float, typer.Option(help=(
+        "Seconds one request may run on the workers; past it the workers are restarted and it gets 503."))] = 600.0,
+    fps: Annotated[int | None, typer.Option(help="Frames per second of MP4 replies (default 16).",
+                                            show_default=False)] = None,
+    quality: Annotated[int | None, typer.Option(help="MP4 quality, 0 (worst) to 10 (best) (default 8).",
+                                                show_default=False)] = None,
+    debug: Debug = False,
+) -> None:
+    """Serve decode and encode over HTTP with diffusers' Remote VAE protocol (remote_decode/remote_encode).
+
+    The workers load the model once and stay warm; requests run one at a time, each on all workers.
+    """
+    run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=1, node_rank=0,
+                              rdzv_endpoint=None),
+              strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=True, scaling_factor=None,
+              shift_factor=None, dtype=dtype, upcast=upcast, json_path=None, quiet=False, halo=halo, verbose=False)
+    _guarded(_serve_checked, model=model, subfolder=subfolder, run=run, token_file=token_file, fps=fps,
+             quality=quality, http_options=dict(host=host, port=port, max_queue=max_queue, max_pixels=max_pixels,
+                                                token=token, job_timeout=timeout), debug=debug)
+
+
+def _serve_checked(*, http_options: dict[str, Any], **kwargs: Any) -> None:
+    from vaepar.server import ServeConfig
+
+    _serve(http=ServeConfig(**http_options), **kwargs)
 
 
 @app.command("presets")

@@ -23,6 +23,12 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective may wait for its peers: 30 minutes, or ``VAEPAR_COLLECTIVE_TIMEOUT_S``
+    (tests shorten it to show that an idle server's workers never hit it)."""
+    return timedelta(seconds=float(os.environ.get("VAEPAR_COLLECTIVE_TIMEOUT_S", 1800)))
+
+
 @dataclass(kw_only=True, slots=True)
 class Comm:
     """This worker's place in the group, and a key-value store shared by all workers.
@@ -68,7 +74,7 @@ class Comm:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                               is_master=False, timeout=timedelta(minutes=10))
         dist.init_process_group(backend_for(device_type), store=dist.PrefixStore("pg", store),
-                                rank=rank, world_size=world, timeout=timedelta(minutes=30),
+                                rank=rank, world_size=world, timeout=collective_timeout(),
                                 device_id=device if device_type == "cuda" else None)
         return Comm(rank=rank, world=world, local_rank=local_rank, node_rank=node_rank, device=device,
                     store=dist.PrefixStore("vaepar", store))

@@ -56,20 +56,24 @@ def load(path: Path, spec: ModelSpec, *, height: int | None = None, width: int |
     tensor, meta = read(path)
     if not tensor.is_floating_point():
         raise VaeparError(f"{path}: latents must be floating point, got {tensor.dtype}")
-    if spec.is_video:
-        if height is not None or width is not None:
-            raise OptionError(f"{path}: --height/--width unpack packed image latents; leave them out for video")
-        _check_video(path, tensor, spec)
-    else:
-        if tensor.ndim == 3:
-            tensor = unpack(path, tensor, spec, height or _int(meta, "height", path),
-                            width or _int(meta, "width", path))
-        elif height is not None or width is not None:
-            raise OptionError(f"{path}: --height/--width unpack packed latents (B, N, 4C), but this file "
-                              f"holds {tuple(tensor.shape)}; leave them out")
-        _check_image(path, tensor, spec)
+    if spec.is_video and (height is not None or width is not None):
+        raise OptionError(f"{path}: --height/--width unpack packed image latents; leave them out for video")
+    if not spec.is_video and tensor.ndim == 3:
+        tensor = unpack(path, tensor, spec, height or _int(meta, "height", path), width or _int(meta, "width", path))
+    elif height is not None or width is not None:
+        raise OptionError(f"{path}: --height/--width unpack packed latents (B, N, 4C), but this file "
+                          f"holds {tuple(tensor.shape)}; leave them out")
+    check_latents(path, tensor, spec)
     _check_finite(path, tensor)
     return LatentFile(path=path, tensor=tensor, metadata=meta)
+
+
+def check_latents(path: Path, tensor: torch.Tensor, spec: ModelSpec) -> None:
+    """Refuse latents whose rank or channel count does not fit the model (``path`` names them)."""
+    if spec.is_video:
+        _check_video(path, tensor, spec)
+    else:
+        _check_image(path, tensor, spec)
 
 
 def nonfinite(t: torch.Tensor) -> str | None:

@@ -67,14 +67,15 @@ def default_threads(nproc: int) -> int:
     return max(1, cores // nproc)
 
 
-def run(spec: LaunchSpec, fn: Callable[..., Any], *args: Any) -> Any:
+def run(spec: LaunchSpec, fn: Callable[..., Any], *args: Any, isolated: bool = False) -> Any:
     """Run ``fn(*args)`` on every worker; return global rank 0's result (None on other nodes).
 
-    A worker that fails ends the whole group: a user error comes back as a :class:`VaeparError`,
-    anything else as an :class:`InternalError`.
+    One worker runs in this process unless ``isolated`` (a server keeps its workers apart, so that
+    it outlives them). A worker that fails ends the whole group: a user error comes back as a
+    :class:`VaeparError`, anything else as an :class:`InternalError`.
     """
     with own_environment():
-        if spec.world == 1:
+        if spec.world == 1 and not isolated:
             return fn(*args)
         results = _launch(spec, None, fn, args)
     return next((value for rank, value in results if rank == 0), None)

@@ -1,6 +1,6 @@
 """The wire format of diffusers' Remote VAE client (``remote_decode`` / ``remote_encode``).
 
-Pure functions and frozen dataclasses for a future ``vaepar serve``: parse a request from its query
+Pure functions and frozen dataclasses for ``vaepar serve`` (:mod:`vaepar.server`): parse a request from its query
 parameters, headers and body, and build a response as ``(status, headers, body)``. No HTTP
 framework, no sockets, no distributed code, no I/O.
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from vaepar.errors import VaeparError
-from vaepar.latents import Factors, nonfinite, unpack
+from vaepar.latents import Factors, check_latents, nonfinite, unpack
 from vaepar.outputs import to_uint8
 from vaepar.pixels import from_uint8
 from vaepar.vae import ModelSpec
@@ -316,6 +316,15 @@ def _check_content_type(headers: dict[str, str]) -> None:
         raise ProtocolError(f"decode expects raw tensor bytes (Content-Type {TENSOR}), got {content_type}", 415)
 
 
+def token_of(query: Query, headers: Mapping[str, str]) -> str | None:
+    """The token a request carries: ``Authorization: Bearer TOKEN``, else a ``token`` query parameter
+    (how the unmodified client sends one: inside its endpoint URL)."""
+    scheme, _, value = _headers(headers).get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return _one(_params(query), "token")
+
+
 # --- limits and tensors ----------------------------------------------------------------------
 
 
@@ -357,21 +366,44 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 # --- decode ----------------------------------------------------------------------------------
 
 
-def parse_decode(query: Query, headers: Mapping[str, str], body: bytes, limits: Limits) -> DecodeRequest:
-    """Validate a ``remote_decode`` request and build its latents; raises :class:`ProtocolError`.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecodeHead:
+    """What a decode request declares in its query and headers, validated before its body is read."""
 
-    Everything is checked from the query and headers first (the pixel limit from the declared
-    shape answers 413 before any tensor exists), then the body's length, then its values.
-    """
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    size: tuple[int, int] | None
+    scaling: Scaling
+    reply: Reply
+
+    @property
+    def body_bytes(self) -> int:
+        """The exact body length the declared shape and dtype need."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def check_decode(query: Query, headers: Mapping[str, str], limits: Limits) -> DecodeHead:
+    """Validate a ``remote_decode`` request's query and headers; the pixel limit answers 413 from
+    the declared shape, so a server can refuse before reading the body."""
     params, hdrs = _params(query), _headers(headers)
     _check_content_type(hdrs)
     shape, dtype = _shape(params, (3, 4, 5)), _dtype(params)
     size, scaling = _size(params, len(shape)), _scaling(params)
     reply = _reply(params, hdrs.get("accept"), shape, limits)
     _check_pixels(output_pixels(shape, limits), limits, f"decoding latents {list(shape)}")
-    latents = _from_bytes(body, shape, dtype)
+    return DecodeHead(shape=shape, dtype=dtype, size=size, scaling=scaling, reply=reply)
+
+
+def parse_decode(query: Query, headers: Mapping[str, str], body: bytes, limits: Limits) -> DecodeRequest:
+    """Validate a ``remote_decode`` request and build its latents; raises :class:`ProtocolError`.
+
+    Everything is checked from the query and headers first (:func:`check_decode`), then the body's
+    length, then its values.
+    """
+    head = check_decode(query, headers, limits)
+    latents = _from_bytes(body, head.shape, head.dtype)
     _check_finite(latents, "latents")
-    return DecodeRequest(latents=latents, size=size, scaling=scaling, reply=reply)
+    return DecodeRequest(latents=latents, size=head.size, scaling=head.scaling, reply=head.reply)
 
 
 def _reply(params: dict[str, list[str]], accept: str | None, shape: tuple[int, ...], limits: Limits) -> Reply:
@@ -382,6 +414,8 @@ def _reply(params: dict[str, list[str]], accept: str | None, shape: tuple[int, .
     if output == "mp4":
         if len(shape) != 5:
             raise ProtocolError(f"output_type=mp4 needs video latents (B, C, F, H, W), got {list(shape)}")
+        if shape[0] != 1:
+            raise ProtocolError(f"output_type=mp4 returns one video; send one batch item, got {list(shape)}")
         return _accepted(Reply.MP4, accept)
     image = IMAGE_FORMATS[_choice(params, "image_format", tuple(IMAGE_FORMATS), "jpg")]
     if not accepts(accept, content_type(image)) and accepts(accept, TENSOR):
@@ -405,29 +439,33 @@ def _accepted(reply: Reply, accept: str | None) -> Reply:
     raise ProtocolError(f"this request's reply is {media}, which the Accept header ({accept}) refuses", 406)
 
 
-def model_latents(request: DecodeRequest, spec: ModelSpec) -> torch.Tensor:
-    """The latents to hand to ``vae.decode``: unpacked (packed Flux latents) and unscaled as asked."""
+def model_latents(request: DecodeRequest, spec: ModelSpec, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The latents to hand to ``vae.decode``: unpacked (packed Flux latents), checked against the
+    model (rank, channels), cast to ``dtype`` (the compute dtype; default: as sent) and unscaled as
+    asked, in that order, as ``vaepar decode`` does with a file."""
     z = request.latents
-    if request.size is not None:
-        try:
+    try:
+        if request.size is not None:
             z = unpack(Path("latents"), z, spec, *request.size)
-        except VaeparError as exc:
-            raise ProtocolError(str(exc)) from None
+        check_latents(Path("latents"), z, spec)
+    except VaeparError as exc:
+        raise ProtocolError(str(exc)) from None
+    z = z if dtype is None else z.to(dtype)
     return request.scaling.factors(Factors.of(spec)).unscale(z)
 
 
-def decode_response(sample: torch.Tensor, request: DecodeRequest, *, jpeg_quality: int = 95) -> Response:
-    """The response for a decoded ``sample`` in [-1, 1], ``(B, 3, H, W)`` or ``(B, 3, F, H, W)``.
+def decode_response(sample: torch.Tensor, reply: Reply, dtype: torch.dtype, *, jpeg_quality: int = 95) -> Response:
+    """The response for a decoded ``sample`` in [-1, 1], ``(B, 3, H, W)`` or ``(B, 3, F, H, W)``;
+    ``dtype``: the request's latents' (the reply's for ``pt`` without post-processing).
 
     MP4 replies are the server's to encode: send them with :func:`mp4_response`.
     """
     if sample.ndim not in (4, 5) or sample.shape[1] != 3:
         raise ValueError(f"expected a decoded sample (B, 3, H, W) or (B, 3, F, H, W), got {tuple(sample.shape)}")
-    reply = request.reply
     if reply in (Reply.JPEG, Reply.PNG):
         return image_response(sample, reply, jpeg_quality=jpeg_quality)
     if reply is Reply.FLOAT:
-        return tensor_response(sample.to(request.latents.dtype))
+        return tensor_response(sample.to(dtype))
     if reply is Reply.UINT8:
         pixels = torch.from_numpy(to_uint8(sample))
         return tensor_response(pixels.reshape(-1, *pixels.shape[-3:]))
@@ -511,12 +549,18 @@ def _image(body: bytes, limits: Limits) -> torch.Tensor:
     return from_uint8(np.asarray(rgb))[None]
 
 
-def _pixel_tensor(params: dict[str, list[str]], body: bytes, limits: Limits) -> torch.Tensor:
-    """A raw pixel tensor ``(B, 3, H, W)`` or ``(B, 3, F, H, W)`` in [-1, 1]."""
+def _pixel_head(params: dict[str, list[str]], limits: Limits) -> tuple[tuple[int, ...], torch.dtype]:
+    """A pixel tensor's declared shape and dtype: 3 channels, within the pixel limit."""
     shape, dtype = _shape(params, (4, 5)), _dtype(params)
     if shape[1] != 3:
         raise ProtocolError(f"pixels must have 3 channels (B, 3, H, W) or (B, 3, F, H, W), got {list(shape)}")
     _check_pixels(math.prod(shape) // 3, limits, f"pixels {list(shape)}")
+    return shape, dtype
+
+
+def _pixel_tensor(params: dict[str, list[str]], body: bytes, limits: Limits) -> torch.Tensor:
+    """A raw pixel tensor ``(B, 3, H, W)`` or ``(B, 3, F, H, W)`` in [-1, 1]."""
+    shape, dtype = _pixel_head(params, limits)
     x = _from_bytes(body, shape, dtype)
     _check_finite(x, "pixels")
     low, high = float(x.min()), float(x.max())
@@ -525,7 +569,35 @@ def _pixel_tensor(params: dict[str, list[str]], body: bytes, limits: Limits) -> 
     return x
 
 
-def encode_response(latents: torch.Tensor, request: EncodeRequest) -> Response:
+def model_pixels(request: EncodeRequest, spec: ModelSpec) -> torch.Tensor:
+    """The pixels to encode, checked against the model: images for image VAEs; for video VAEs
+    ``1 + 4k`` frames (an image is one frame); height and width multiples of the model's scale."""
+    x = request.pixels
+    if spec.is_video and x.ndim == 4:
+        x = x[:, :, None]
+    if not spec.is_video and x.ndim == 5:
+        raise ProtocolError(f"pixels {list(x.shape)} are a video, but this server's VAE {spec.class_name} "
+                            "encodes images (B, 3, H, W)")
+    if x.ndim == 5 and (x.shape[2] - 1) % 4:
+        raise ProtocolError(f"{x.shape[2]} frames; {spec.class_name} encodes 1 + 4k frames (1, 5, 9, ...)")
+    h, w = x.shape[-2:]
+    if h % spec.scale or w % spec.scale:
+        raise ProtocolError(f"image size {h}x{w} is not a multiple of {spec.scale} (the model's scale); "
+                            "crop or resize it first")
+    return x
+
+
+def encode_body_limit(query: Query, limits: Limits) -> int:
+    """The most body bytes an encode request may send: exactly its declared tensor, or for an image
+    the largest PNG of ``max_pixels`` (16-bit RGBA, uncompressed, plus headers)."""
+    params = _params(query)
+    if "shape" not in params:
+        return limits.max_pixels * 8 + (1 << 20)
+    shape, dtype = _pixel_head(params, limits)
+    return math.prod(shape) * dtype.itemsize
+
+
+def encode_response(latents: torch.Tensor, factors: Factors, dtype: torch.dtype) -> Response:
     """The encoder's latents ``(B, C, h, w)`` (or ``(B, C, f, h, w)``; unpacked even for Flux),
-    scaled ``(z - shift) * scaling`` as asked, in the request's dtype."""
-    return tensor_response(request.factors.scale(latents.float()).to(request.dtype))
+    scaled ``(z - shift) * scaling`` by the request's ``factors``, in the request's ``dtype``."""
+    return tensor_response(factors.scale(latents.float()).to(dtype))

@@ -99,7 +99,7 @@ class Ticker:
     """
 
     def __init__(self, comm: Comm, key: str, total: int, label: str, show: bool) -> None:
-        self.comm, self.key, self.local = comm, key, 0
+        self.comm, self.key, self.local, self.show = comm, key, 0, show
         self._progress: Progress | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,7 +116,7 @@ class Ticker:
     def tick(self, n: int = 1) -> None:
         if self.comm.rank == 0:
             self.local += n
-        else:
+        elif self.show:
             self.comm.add(self.key, n)
 
     def _poll(self) -> None:

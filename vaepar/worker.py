@@ -109,6 +109,16 @@ class BenchJob:
     write_reference: bool = False
 
 
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Done:
+    """A collective decode or encode as rank 0 sees it: the result, how it ran, every rank's stats."""
+
+    tensor: torch.Tensor
+    strategy: str
+    parts: int
+    ranks: list[RankStats]
+
+
 @dataclass(kw_only=True, slots=True)
 class BenchResult:
     """One strategy at one worker count, as rank 0 measured it."""
@@ -156,16 +166,13 @@ class Worker:
         """Decode one file; rank 0 writes the output and returns the report."""
         clock = Stopwatch()
         z = self.comm.broadcast(self._on_rank0(self._read_latents, job))
-        strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape), self.comm.world)
-        out, ranks, parts = self._run("decode", strategy, z, grid, job.source.name)
-        if out is None:
+        done = self.decode_tensor(z, str(job.source))
+        if done is None:
             return None
-        check_finite(out, f"{job.source}: the decoded result", self.cfg)
-        sample = self.family.finish_decode(out)
-        written = outputs.write_sample(job.output, sample, fps=self.cfg.fps, quality=self.cfg.quality)
+        written = outputs.write_sample(job.output, done.tensor, fps=self.cfg.fps, quality=self.cfg.quality)
         return JobReport(input=str(job.source), outputs=[str(p) for p in written], input_shape=list(z.shape),
-                         output_shape=list(sample.shape), strategy=strategy, tiles=parts,
-                         seconds=clock.elapsed(), ranks=ranks)
+                         output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
+                         seconds=clock.elapsed(), ranks=done.ranks)
 
     @torch.inference_mode()
     def encode(self, job: EncodeJob) -> JobReport | None:
@@ -173,19 +180,38 @@ class Worker:
         clock = Stopwatch()
         x, meta = self._on_rank0(self._read_pixels, job) or (None, {})
         x = self.comm.broadcast(x)
-        strategy, grid = plan_job(self.cfg, "encode", tuple(x.shape), self.comm.world)
-        out, ranks, parts = self._run("encode", strategy, x, grid, job.source.name)
-        if out is None:
+        done = self.encode_tensor(x, str(job.source))
+        if done is None:
             return None
-        check_finite(out, f"{job.source}: the encoded latents", self.cfg)
-        z = self.family.latents(out, sample=self.cfg.sample, seed=self.cfg.seed)
-        if self.cfg.factors is not None:
-            z = self.cfg.factors.scale(z)
+        z = done.tensor if self.cfg.factors is None else self.cfg.factors.scale(done.tensor)
         meta |= {"model": job.model_ref, "scaled": str(self.cfg.factors is not None).lower()}
         written = outputs.write_latents(job.output, z, meta)
         return JobReport(input=str(job.source), outputs=[str(written)], input_shape=pixel_shape(x, meta),
-                         output_shape=list(z.shape), strategy=strategy, tiles=parts,
-                         seconds=clock.elapsed(), ranks=ranks)
+                         output_shape=list(z.shape), strategy=done.strategy, tiles=done.parts,
+                         seconds=clock.elapsed(), ranks=done.ranks)
+
+    @torch.inference_mode()
+    def decode_tensor(self, z: torch.Tensor, label: str) -> Done | None:
+        """Collective: decode latents ``z`` (the same on every rank, as ``vae.decode`` takes them);
+        rank 0 gets the sample in [-1, 1], checked finite."""
+        strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape), self.comm.world)
+        out, ranks, parts = self._run("decode", strategy, z, grid, Path(label).name)
+        if out is None:
+            return None
+        check_finite(out, f"{label}: the decoded result", self.cfg)
+        return Done(tensor=self.family.finish_decode(out), strategy=strategy, parts=parts, ranks=ranks)
+
+    @torch.inference_mode()
+    def encode_tensor(self, x: torch.Tensor, label: str) -> Done | None:
+        """Collective: encode pixels ``x`` (prepared for the encoder, the same on every rank);
+        rank 0 gets the unscaled latents (mode, or a sample with ``cfg.sample``), checked finite."""
+        strategy, grid = plan_job(self.cfg, "encode", tuple(x.shape), self.comm.world)
+        out, ranks, parts = self._run("encode", strategy, x, grid, Path(label).name)
+        if out is None:
+            return None
+        check_finite(out, f"{label}: the encoded latents", self.cfg)
+        z = self.family.latents(out, sample=self.cfg.sample, seed=self.cfg.seed)
+        return Done(tensor=z, strategy=strategy, parts=parts, ranks=ranks)
 
     def _run(self, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid,
              label: str) -> tuple[torch.Tensor | None, list[RankStats], int]:
