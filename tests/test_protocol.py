@@ -449,3 +449,71 @@ def test_error_body_is_the_json_the_client_reads() -> None:
     response = protocol.error_response(ProtocolError("too big", 413))
     assert response.status == 413 and response.headers["Content-Type"] == "application/json"
     assert http_response(response).json() == {"error": "too big"}
+
+
+# --- what the server checks before the workers -------------------------------------------------
+
+
+def test_token_from_bearer_header_or_query() -> None:
+    assert protocol.token_of([], {"Authorization": "Bearer abc"}) == "abc"
+    assert protocol.token_of([], {"authorization": "bearer  abc "}) == "abc"
+    assert protocol.token_of([("token", "xyz")], {}) == "xyz"
+    assert protocol.token_of([("token", "xyz")], {"Authorization": "Basic dTpw"}) == "xyz"
+    assert protocol.token_of([], {"Authorization": "Basic dTpw"}) is None
+    assert protocol.token_of([], {}) is None
+
+
+def test_decode_head_gives_the_exact_body_length_before_the_body() -> None:
+    query = [("shape", "1"), ("shape", "4"), ("shape", "8"), ("shape", "6"), ("dtype", "bfloat16"),
+             ("output_type", "pt")]
+    head = protocol.check_decode(query, {}, Limits())
+    assert head.shape == (1, 4, 8, 6) and head.dtype == torch.bfloat16 and head.body_bytes == 1 * 4 * 8 * 6 * 2
+    with pytest.raises(ProtocolError) as caught:
+        protocol.check_decode([("shape", "1"), ("shape", "4"), ("shape", "512"), ("shape", "512"),
+                               ("dtype", "float32")], {}, Limits(max_pixels=1 << 20))
+    assert caught.value.status == 413
+
+
+def test_mp4_returns_one_video() -> None:
+    query = [*(("shape", str(s)) for s in (2, 16, 3, 8, 8)), ("dtype", "float32"), ("output_type", "mp4")]
+    with pytest.raises(ProtocolError, match="one video"):
+        protocol.check_decode(query, {}, Limits.of(WAN))
+
+
+def test_encode_body_limit() -> None:
+    limits = Limits(max_pixels=64 * 64)
+    shape = [("shape", s) for s in ("1", "3", "64", "64")]
+    assert protocol.encode_body_limit([*shape, ("dtype", "float16")], limits) == 3 * 64 * 64 * 2
+    assert protocol.encode_body_limit([], limits) == 64 * 64 * 8 + (1 << 20)
+    with pytest.raises(ProtocolError) as caught:
+        protocol.encode_body_limit([("shape", "1"), ("shape", "3"), ("shape", "65"), ("shape", "64"),
+                                    ("dtype", "float32")], limits)
+    assert caught.value.status == 413
+
+
+def encode_request(*shape: int) -> protocol.EncodeRequest:
+    return protocol.EncodeRequest(pixels=torch.zeros(shape), factors=Factors(), dtype=torch.float32)
+
+
+def test_model_pixels_fit_the_model() -> None:
+    assert protocol.model_pixels(encode_request(1, 3, 16, 24), WAN).shape == (1, 3, 1, 16, 24)  # one frame
+    assert protocol.model_pixels(encode_request(1, 3, 5, 16, 24), WAN).shape == (1, 3, 5, 16, 24)
+    for request, spec, words in [(encode_request(1, 3, 4, 16, 16), WAN, "4 frames"),
+                                 (encode_request(1, 3, 5, 16, 16), SD, "encodes images"),
+                                 (encode_request(1, 3, 16, 20), SD, "not a multiple of 8")]:
+        with pytest.raises(ProtocolError, match=words) as caught:
+            protocol.model_pixels(request, spec)
+        assert caught.value.status == 400
+
+
+def test_model_latents_are_checked_cast_then_unscaled() -> None:
+    z = latents(1, 4, 4, 4, dtype=torch.float16)
+    request = DecodeRequest(latents=z, size=None, scaling=Scaling(scaling=0.3), reply=Reply.FLOAT)
+    out = model_latents(request, SD, dtype=torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, z.float() / 0.3)
+    wrong = DecodeRequest(latents=latents(1, 3, 4, 4), size=None, scaling=Scaling(), reply=Reply.FLOAT)
+    with pytest.raises(ProtocolError, match="3 channels"):
+        model_latents(wrong, SD)
+    video = DecodeRequest(latents=latents(1, 16, 4, 4), size=None, scaling=Scaling(), reply=Reply.FLOAT)
+    with pytest.raises(ProtocolError, match="video VAE"):
+        model_latents(video, WAN)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,9 +51,9 @@ class Server:
     def health(self) -> dict[str, Any]:
         return requests.get(f"{self.url}/health", timeout=10).json()
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
 
@@ -100,7 +101,7 @@ def flux_server(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 def wan_server(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = start_server(models["wan"], tmp_path_factory.mktemp("wan") / "serve.log", "--fps", "8")
     yield server
-    assert server.stop() == 0, server.log.read_text()
+    assert server.stop(signal.SIGINT) == 0, server.log.read_text()  # Ctrl+C, as SIGTERM
 
 
 def local(command: str, source: Path, out: Path, model: Path, *args: str) -> Path:
@@ -425,6 +426,16 @@ def test_idle_server_outlives_the_collective_timeout_and_recovers_from_killed_wo
         assert torch.equal(out, ref)
         health = server.health()
         assert health["restarts"] == 1 and not set(health["pids"]) & set(first)
+
+        answer.clear()  # SIGTERM while a request runs: it finishes, then the server exits 0
+        slow = threading.Thread(target=lambda: answer.append(post(url, tuple(big.shape), big.numpy().tobytes(),
+                                                                  output_type="pt")))
+        slow.start()
+        while not server.health()["in_flight"]:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        slow.join(timeout=60)
+        assert answer and answer[0].status_code == 200 and json.loads(answer[0].headers["shape"]) == [1, 3, 512, 512]
     finally:
         code = server.stop()
     assert code == 0, server.log.read_text()
@@ -434,8 +445,27 @@ def test_idle_server_outlives_the_collective_timeout_and_recovers_from_killed_wo
     assert server.log.read_text().rstrip().endswith("stopped")
 
 
+def test_one_worker_on_all_addresses_warns_and_reads_the_token_from_the_environment(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    server = start_server(models["kl4"], tmp_path / "serve.log", "--nproc", "1", "--host", "0.0.0.0",
+                          env={"VAEPAR_TOKEN": TOKEN})
+    try:
+        assert "warning: listening on 0.0.0.0, reachable from other machines" in server.log.read_text()
+        url = server.url.replace("0.0.0.0", "127.0.0.1")
+        z = latents(1, 4, 8, 8)
+        assert post(url + "/decode", (1, 4, 8, 8), z.numpy().tobytes(), output_type="pt").status_code == 401
+        out = quiet_client(remote_decode, f"{url}/decode?token={TOKEN}", z, do_scaling=False, output_type="pt",
+                           return_type="pt")
+        assert out.shape == (1, 3, 32, 32)
+        assert requests.get(url + "/health", timeout=10).json()["workers"] == 1
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
 def test_serve_refuses_bad_options_with_one_line(models: dict[str, Path], tmp_path: Path) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
     cases = [
+        (["--port", str(busy.getsockname()[1])], 1, "cannot listen on 127.0.0.1"),
         (["--max-queue", "0"], 2, "--max-queue must be at least 1"),
         (["--port", "70000"], 2, "--port must be in"),
         (["--token", "a", "--token-file", str(tmp_path / "t")], 2, "give the token once"),
@@ -446,3 +476,4 @@ def test_serve_refuses_bad_options_with_one_line(models: dict[str, Path], tmp_pa
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == code and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    busy.close()

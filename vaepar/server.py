@@ -18,6 +18,7 @@ import math
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -224,6 +225,7 @@ class App:
     async def health(self, request: Request) -> Response:
         state = self.pool.state
         body = {"status": state, "model": self.spec.name, "class": self.spec.class_name,
+                "latent_channels": self.spec.latent_channels, "scale": self.spec.scale, "video": self.spec.is_video,
                 "workers": self.pool.spec.world, "device": self.pool.cfg.device, "queue": self.pool.waiting,
                 "max_queue": self.pool.max_queue, "in_flight": int(self.pool.in_flight is not None),
                 "restarts": self.pool.restarts, "pids": self.pool.pids,
@@ -296,7 +298,8 @@ def serve(app: App, sock: socket.socket, cfg: ServeConfig) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
-            app.pool.drain()
+            # not in the handler itself: the main thread may hold the queue's lock right now
+            threading.Thread(target=app.pool.drain, name="vaepar-drain").start()
 
     config = uvicorn.Config(app.starlette(), log_level="error", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=int(cfg.job_timeout) + 5)
