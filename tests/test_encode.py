@@ -154,7 +154,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str, list[str], str]]:
         "nan": (tmp_path / "nan.safetensors", "kl4", [], "NaN"),
         "image-to-video": (tmp_path / "ok.png", "wan21", [], "an image was given to the video VAE"),
         "video-to-image": (tmp_path / "video.safetensors", "kl4", [], "a video was given to the image VAE"),
-        "frames": (tmp_path / "frames4.safetensors", "wan21", [], "Wan encodes 1 + 4k frames"),
+        "frames": (tmp_path / "frames4.safetensors", "wan21", [], "AutoencoderKLWan encodes 1 + 4k frames"),
         "bad-fit": (tmp_path / "odd.png", "kl4", ["--fit", "stretch"], "--fit must be one of"),
     }
 

@@ -22,7 +22,7 @@ from conftest import WAN_MEAN, WAN_STD, WAN_VARIANTS, reference_wan_decode, save
 from vaepar import cli, launch, outputs, plan, worker
 from vaepar.cli import app
 from vaepar.errors import VaeparError
-from vaepar.vae import decode_grid, resolve
+from vaepar.vae import resolve
 
 # Tile sizes in pixels: 4 latents per tile, stride int(T * 0.75) = 3 latents, so tiny latents make
 # several tiles. Wan 2.1: 32 px, blend 8 px; Wan 2.2: 64 px, blend and crop in patchified pixels
@@ -235,7 +235,7 @@ def test_frames_do_not_change_the_schedule(wan_models: dict[str, Path], model: s
     the owner assignment (and so the balance) exactly as with areas alone."""
     spec = resolve(str(wan_models[model]))
     for h, w in [(7, 9), (8, 4), (4, 6), (13, 11), (20, 3)]:
-        grid = decode_grid(spec, h, w, TILES[model], 0.25)
+        grid = spec.family.decode_grid(spec, h, w, TILES[model], 0.25)
         assert grid.count > 1
         area = grid.weights()
         for nranks in (1, 2, 3, 4):

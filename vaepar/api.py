@@ -18,7 +18,8 @@ from torch import nn
 from vaepar import compat, engine, shard
 from vaepar.comm import Comm
 from vaepar.errors import OptionError
-from vaepar.vae import SUPPORTED, Family, ModelSpec
+from vaepar.families import SUPPORTED, Family
+from vaepar.vae import ModelSpec
 
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
 _STATE = "_vaepar_state"
@@ -95,9 +96,9 @@ def parallelize(vae: nn.Module, *, strategy: str = "auto", group: Any = None, ti
     if name not in SUPPORTED:
         raise OptionError(f"vaepar.parallelize supports {', '.join(SUPPORTED)}, not {name}")
     compat.check_model(vae)
-    shard.install(vae)
     spec = ModelSpec(name=name, source="", subfolder="", local=True, config={**vae.config, "_class_name": name})
-    object.__setattr__(vae, _STATE, _State(options=options, family=Family.of(vae, spec)))
+    shard.install(vae, spec.family.shard_leaves())
+    object.__setattr__(vae, _STATE, _State(options=options, family=spec.family(vae, spec)))
     vae._decode = types.MethodType(_decode, vae)
     vae._encode = types.MethodType(_encode, vae)
     return vae

@@ -18,7 +18,8 @@ import torch
 
 from vaepar import launch, plan, shard, worker
 from vaepar.errors import OptionError, VaeparError
-from vaepar.vae import Family, ModelSpec, patch_size
+from vaepar.families import Family
+from vaepar.vae import ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -184,8 +185,8 @@ def _meta_family(spec: ModelSpec, dtype: torch.dtype) -> Family:
         vae = getattr(diffusers, spec.class_name).from_config(spec.config)
     if dtype != torch.float32:
         vae = vae.to(dtype)
-    shard.install(vae)
-    return Family.of(vae.eval(), spec)
+    shard.install(vae, spec.family.shard_leaves())
+    return spec.family(vae.eval(), spec)
 
 
 def _activation_peak(family: Family, task: str, x: torch.Tensor, ctx: shard.Context | None) -> tuple[int, torch.Tensor]:
@@ -226,7 +227,7 @@ def plan_rows(bench: BenchConfig) -> list[dict[str, Any]]:
         x = x[:, :, : min(x.shape[2], 5 if bench.task == "encode" else 2)]
     scale = steps / family.steps(x, bench.task)
     rows = worker.latent_rows(cfg.model, bench.task, x.shape[-2])
-    unit_in = 1 if bench.task == "decode" else cfg.model.scale // patch_size(cfg.model)
+    unit_in = 1 if bench.task == "decode" else cfg.model.scale // cfg.model.patch_size
     out = []
     for strategy in bench.strategies:
         for n in bench.counts:

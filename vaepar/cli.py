@@ -23,7 +23,7 @@ from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E40
 from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
 from vaepar.latents import Factors  # noqa: E402
 from vaepar.protocol import DEFAULT_MAX_PIXELS  # noqa: E402
-from vaepar.vae import ModelSpec, model_reference, patchify, resolve  # noqa: E402
+from vaepar.vae import ModelSpec, model_reference, resolve  # noqa: E402
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -297,7 +297,7 @@ def _encode(inputs: list[Path], *, out: Path, model: str, subfolder: str | None,
         if w.node_rank == 0:
             for source in inputs:
                 x = pixels.prepare(source, spec, frames=frames, how=fit)
-                worker.plan_job(cfg, "encode", tuple(patchify(spec, x).shape), group.world)
+                worker.plan_job(cfg, "encode", tuple(spec.family.prepare_pixels(spec, x).shape), group.world)
             paths = _output_paths(inputs, out, "safetensors", (".safetensors",))
     ref = model_reference(spec)
     jobs = [worker.EncodeJob(source=i, output=o, frames=frames, fit=fit, model_ref=ref) for i, o in zip(inputs, paths)]

@@ -15,7 +15,8 @@ import torch
 from vaepar import plan, shard, tiled
 from vaepar.comm import Comm
 from vaepar.errors import VaeparError
-from vaepar.vae import Family, ModelSpec, Tick, decode_grid, default_tile, encode_grid, patch_size
+from vaepar.families import Family, Tick
+from vaepar.vae import ModelSpec
 
 BANDED = ("shard", "patch")
 
@@ -30,8 +31,8 @@ def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: 
     test), else ``none``. ``shard`` and ``patch`` split rows into bands; their grid is the untiled one.
     """
     h, w = shape[-2], shape[-1]
-    tile = tile_size or default_tile(spec)
-    make = decode_grid if task == "decode" else encode_grid
+    tile = tile_size or spec.default_tile
+    make = spec.family.decode_grid if task == "decode" else spec.family.encode_grid
     untiled = make(spec, h, w, None, tile_overlap)
     if strategy == "auto" and world > 1 and tile_size is None and latent_rows(spec, task, h) >= 2:
         strategy = "shard"
@@ -52,7 +53,7 @@ def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: 
 
 def latent_rows(spec: ModelSpec, task: str, h: int) -> int:
     """Latent rows of an input with ``h`` rows (encode: pixel rows as the encoder's tiles see them)."""
-    return h if task == "decode" else h // (spec.scale // patch_size(spec))
+    return h if task == "decode" else h // (spec.scale // spec.patch_size)
 
 
 def part_count(strategy: str, grid: plan.Grid, rows: int, world: int) -> int:
@@ -83,7 +84,7 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
 
     if strategy not in BANDED:
         return tiled.run(x, grid, run_part, comm, share=share), None
-    unit = family.spec.scale // patch_size(family.spec)
+    unit = family.spec.scale // family.spec.patch_size
     unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
     return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out, run_part,
                      comm, halo=halo if strategy == "patch" else None, groups=groups, share=share)

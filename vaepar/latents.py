@@ -148,11 +148,8 @@ class Factors:
 
     @staticmethod
     def of(spec: ModelSpec, scaling: float | None = None, shift: float | None = None) -> Factors:
-        if spec.is_video:
-            mean, std = spec.factor("latents_mean"), spec.factor("latents_std")
-            return Factors(mean=tuple(mean) if mean else None, std=tuple(std) if std else None)
-        return Factors(scaling=scaling if scaling is not None else spec.factor("scaling_factor"),
-                       shift=shift if shift is not None else spec.factor("shift_factor"))
+        """The model family's pipeline factors (``scaling``/``shift``: user overrides)."""
+        return spec.family.factors(spec, scaling, shift)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents as pipelines store them: the inverse of :meth:`unscale`."""

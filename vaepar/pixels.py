@@ -119,7 +119,8 @@ def prepare(path: Path, spec: ModelSpec, *, frames: int | None = None, how: str 
     if not spec.is_video and x.ndim == 5:
         raise VaeparError(f"{path}: a video was given to the image VAE {spec.class_name} ('{spec.name}'); "
                           "use a video model, or encode frames as images")
-    if spec.is_video and (x.shape[2] - 1) % 4:
-        raise VaeparError(f"{path}: {x.shape[2]} frames; Wan encodes 1 + 4k frames (1, 5, 9, ...): "
-                          f"pass --frames {1 + 4 * ((x.shape[2] - 1) // 4)}")
+    t = spec.temporal
+    if spec.is_video and (x.shape[2] - 1) % t:
+        raise VaeparError(f"{path}: {x.shape[2]} frames; {spec.class_name} encodes 1 + {t}k frames "
+                          f"(1, {1 + t}, {1 + 2 * t}, ...): pass --frames {1 + t * ((x.shape[2] - 1) // t)}")
     return fit(path, x, spec.scale, how)

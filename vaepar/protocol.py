@@ -96,13 +96,8 @@ class Limits:
 
     @staticmethod
     def of(spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Limits:
-        """The limits for a model: its ``scale``, and for video its temporal factor (Wan 2.2's
-        ``scale_factor_temporal``, else 2 ** the number of temporal downsamples)."""
-        temporal = 1
-        if spec.is_video:
-            downsamples = sum(bool(d) for d in spec.config.get("temperal_downsample", ()))
-            temporal = int(spec.config.get("scale_factor_temporal") or 2**downsamples)
-        return Limits(max_pixels=max_pixels, scale=spec.scale, temporal=temporal)
+        """The limits for a model: its spatial and temporal compression."""
+        return Limits(max_pixels=max_pixels, scale=spec.scale, temporal=spec.temporal)
 
     def frames(self, latent_frames: int) -> int:
         """Frames decoded from ``latent_frames`` (causal video VAEs: the first frame stands alone)."""
@@ -578,8 +573,8 @@ def model_pixels(request: EncodeRequest, spec: ModelSpec) -> torch.Tensor:
     if not spec.is_video and x.ndim == 5:
         raise ProtocolError(f"pixels {list(x.shape)} are a video, but this server's VAE {spec.class_name} "
                             "encodes images (B, 3, H, W)")
-    if x.ndim == 5 and (x.shape[2] - 1) % 4:
-        raise ProtocolError(f"{x.shape[2]} frames; {spec.class_name} encodes 1 + 4k frames (1, 5, 9, ...)")
+    if x.ndim == 5 and (x.shape[2] - 1) % spec.temporal:
+        raise ProtocolError(f"{x.shape[2]} frames; {spec.class_name} encodes 1 + {spec.temporal}k frames")
     h, w = x.shape[-2:]
     if h % spec.scale or w % spec.scale:
         raise ProtocolError(f"image size {h}x{w} is not a multiple of {spec.scale} (the model's scale); "

@@ -24,6 +24,7 @@ from torch import nn
 
 from vaepar import plan
 from vaepar.comm import Comm
+from vaepar.families import ShardLeaves
 
 
 @dataclass(kw_only=True, slots=True)
@@ -260,34 +261,37 @@ class GatheredAttention(_Wrapper):
         return self.block(full, *args, **kwargs)[..., start : start + x.shape[-2], :]
 
 
-def install(model: nn.Module) -> int:
-    """Swap the model's modules for band-aware wrappers, in place; returns how many were swapped."""
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
-    from diffusers.models.downsampling import Downsample2D
+def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
+    """Swap the model's modules for band-aware wrappers, in place; returns how many were swapped.
 
-    inside_attention = {id(d) for m in model.modules() if isinstance(m, (Attention, WanAttentionBlock))
-                        for d in m.modules()}
+    ``leaves``: the family's own modules to wrap (its ``shard_leaves()``; default: every family's).
+    """
+    from vaepar.families import all_shard_leaves
+
+    leaves = leaves if leaves is not None else all_shard_leaves()
+    inside_attention = {id(d) for m in model.modules() if isinstance(m, leaves.attention) for d in m.modules()}
     swapped = 0
     for parent in list(model.modules()):
         if id(parent) in inside_attention or isinstance(parent, _Wrapper):
             continue
         for name, child in list(parent.named_children()):
-            new = _wrap(child, Attention, WanAttentionBlock, WanCausalConv3d, Downsample2D)
+            new = _wrap(child, leaves)
             if new is not None:
                 setattr(parent, name, new)
                 swapped += 1
     return swapped
 
 
-def _wrap(m: nn.Module, attention: type, wan_attention: type, causal: type, down: type) -> nn.Module | None:
-    if isinstance(m, (attention, wan_attention)):
+def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
+    from diffusers.models.downsampling import Downsample2D
+
+    if isinstance(m, leaves.attention):
         return GatheredAttention(m)
-    if isinstance(m, causal):
+    if isinstance(m, leaves.causal_convs):
         return HaloCausalConv3d(m)
     if isinstance(m, nn.GroupNorm):
         return ShardGroupNorm(m)
-    if isinstance(m, down) and m.use_conv and m.padding == 0 and m.norm is None:
+    if isinstance(m, Downsample2D) and m.use_conv and m.padding == 0 and m.norm is None:
         return _ShardDownsample(m)
     if _is_pad_then_stride2(m):  # Wan: Sequential(ZeroPad2d((0, 1, 0, 1)), Conv2d(stride 2))
         return HaloConv2d(m[1], (0, 1), inner=m, w_pad=(0, 1))

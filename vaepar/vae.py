@@ -1,8 +1,8 @@
-"""Models: finding a VAE (local folder, hub id, preset), loading it, and running one tile of it.
+"""Models: finding a VAE (local folder, hub id, preset) and loading it.
 
 Resolution (:func:`resolve`) reads only the VAE's ``config.json`` so the launcher can validate
-inputs before any worker starts; :func:`load` brings the weights in a worker. A :class:`Family`
-wraps a loaded diffusers VAE and knows its geometry and how diffusers runs one tile.
+inputs before any worker starts; :func:`load` brings the weights in a worker. What differs between
+VAE classes is their family's (``spec.family``, :mod:`vaepar.families`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any
 
 import torch
 
-from vaepar import plan
+from vaepar import families
 from vaepar.errors import VaeparError
+from vaepar.families import SUPPORTED, Family
 
-Tick = Callable[[int], None]
 PACKAGE_DIR = Path(__file__).resolve().parent
-SUPPORTED = ("AutoencoderKL", "AutoencoderKLWan")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -51,19 +49,36 @@ class ModelSpec:
         return self.config["_class_name"]
 
     @property
+    def family(self) -> type[Family]:
+        """What the VAE's family declares (:mod:`vaepar.families`)."""
+        return families.of(self.class_name)
+
+    @property
     def is_video(self) -> bool:
-        return self.class_name == "AutoencoderKLWan"
+        return self.family.video
 
     @property
     def latent_channels(self) -> int:
-        return int(self.config["z_dim"] if self.is_video else self.config.get("latent_channels", 4))
+        return self.family.latent_channels(self.config)
 
     @property
     def scale(self) -> int:
         """Spatial compression, pixels per latent."""
-        if self.is_video:
-            return int(self.config.get("scale_factor_spatial") or 8)
-        return 2 ** (len(self.config.get("block_out_channels", (64,))) - 1)
+        return self.family.scale(self.config)
+
+    @property
+    def temporal(self) -> int:
+        """Temporal compression (1 for images)."""
+        return self.family.temporal(self.config)
+
+    @property
+    def default_tile(self) -> int:
+        """The class's own tile size in pixels."""
+        return self.family.default_tile(self.config)
+
+    @property
+    def patch_size(self) -> int:
+        return self.family.patch_size(self.config)
 
     @property
     def packed(self) -> bool:
@@ -191,165 +206,3 @@ def model_reference(spec: ModelSpec) -> str:
     if spec.local and not spec.preset:
         return str(Path(spec.source).resolve())
     return spec.name
-
-
-def patchify(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
-    """Pixels as Wan 2.2's encoder sees them (patch_size > 1), else unchanged."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify as wan_patchify
-
-    p = patch_size(spec)
-    return wan_patchify(x, patch_size=p) if p > 1 else x
-
-
-def default_tile(spec: ModelSpec) -> int:
-    """The model's own tile size in pixels: ``sample_size`` for KL, 256 for Wan (as diffusers)."""
-    if spec.is_video:
-        return 256
-    size = spec.config.get("sample_size", 512)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def patch_size(spec: ModelSpec) -> int:
-    return int(spec.config.get("patch_size") or 1) if spec.is_video else 1
-
-
-def decode_grid(spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
-    """diffusers' decode tiles for a latent of ``h`` x ``w`` (untiled when ``tile`` is None)."""
-    s, p = spec.scale, patch_size(spec)
-    if tile is None:
-        return plan.Grid(rows=plan.single(h, h * s // p), cols=plan.single(w, w * s // p))
-    if not spec.is_video:
-        return plan.kl_decode_grid(h, w, tile=tile, overlap=overlap, scale=s)
-    if h <= tile // s and w <= tile // s:
-        return decode_grid(spec, h, w, None, overlap)
-    stride = int(tile * (1 - overlap))
-    ax = dict(tile=tile // s, stride=stride // s, up=s // p, down=1,
-              blend=tile // p - stride // p, crop=stride // p)
-    return plan.Grid(rows=plan.tiled_axis(h, **ax, limit=h * s // p),
-                     cols=plan.tiled_axis(w, **ax, limit=w * s // p))
-
-
-def encode_grid(spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
-    """diffusers' encode tiles over pixels ``h`` x ``w`` as the encoder sees them (Wan 2.2:
-    patchified), untiled when ``tile`` is None."""
-    p = patch_size(spec)
-    s = spec.scale // p
-    if tile is None:
-        return plan.Grid(rows=plan.single(h, h // s), cols=plan.single(w, w // s))
-    if not spec.is_video:
-        return plan.kl_encode_grid(h, w, tile=tile, overlap=overlap, scale=s)
-    if h * p <= tile and w * p <= tile:  # diffusers compares the size before patchifying
-        return encode_grid(spec, h, w, None, overlap)
-    stride = int(tile * (1 - overlap))
-    ax = dict(tile=tile, stride=stride, up=1, down=s, blend=tile // s - stride // s, crop=stride // s)
-    return plan.Grid(rows=plan.tiled_axis(h, **ax, limit=h // s), cols=plan.tiled_axis(w, **ax, limit=w // s))
-
-
-def _no_tick(n: int) -> None:
-    pass
-
-
-class Family:
-    """How diffusers runs one tile of a loaded VAE."""
-
-    def __init__(self, vae: torch.nn.Module, spec: ModelSpec) -> None:
-        self.vae, self.spec = vae, spec
-
-    @staticmethod
-    def of(vae: torch.nn.Module, spec: ModelSpec) -> Family:
-        return WanFamily(vae, spec) if spec.is_video else KLFamily(vae, spec)
-
-    def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        """Raw decoder output for one tile (or the whole latent when ``tiled`` is False)."""
-        raise NotImplementedError
-
-    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Post-processing after the merge (Wan: unpatchify and clamp)."""
-        return x
-
-    def prepare_encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels as the encoder's tiles slice them (Wan 2.2: patchified)."""
-        return patchify(self.spec, x)
-
-    def steps(self, x: torch.Tensor, task: str) -> int:
-        """Progress units per tile: 1 for images; frames (decode) or time chunks (encode) for video."""
-        if x.ndim != 5:
-            return 1
-        return x.shape[2] if task == "decode" else 1 + (x.shape[2] - 1) // 4
-
-    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        """Latent moments (mean and log-variance) of one tile, or of all pixels when not ``tiled``."""
-        raise NotImplementedError
-
-    @staticmethod
-    def latents(moments: torch.Tensor, *, sample: bool, seed: int | None) -> torch.Tensor:
-        """The posterior's mode, or a sample drawn with ``seed``."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        posterior = DiagonalGaussianDistribution(moments)
-        if not sample:
-            return posterior.mode()
-        generator = torch.Generator(moments.device)
-        generator.manual_seed(seed if seed is not None else 0)
-        return posterior.sample(generator)
-
-
-class KLFamily(Family):
-    """``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3, Flux)."""
-
-    def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        if self.vae.config.use_post_quant_conv:
-            z = self.vae.post_quant_conv(z)
-        out = self.vae.decoder(z)
-        tick(1)
-        return out
-
-    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        h = self.vae.encoder(x)
-        if self.vae.config.use_quant_conv:
-            h = self.vae.quant_conv(h)
-        tick(1)
-        return h
-
-
-class WanFamily(Family):
-    """``AutoencoderKLWan`` (Wan 2.1; Wan 2.2 with ``patch_size``), causal in time."""
-
-    def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        vae = self.vae
-        vae.clear_cache()
-        x = z if tiled else vae.post_quant_conv(z)
-        frames = []
-        for k in range(z.shape[2]):
-            vae._conv_idx = [0]
-            step = x[:, :, k : k + 1]
-            if tiled:
-                step = vae.post_quant_conv(step)
-            frames.append(vae.decoder(step, feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                      first_chunk=(k == 0)))
-            tick(1)
-        vae.clear_cache()
-        return torch.cat(frames, dim=2)
-
-    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = _no_tick) -> torch.Tensor:
-        """Causal in time: the first frame alone, then chunks of 4, through one cache."""
-        vae = self.vae
-        vae.clear_cache()
-        chunks = []
-        for k in range(1 + (x.shape[2] - 1) // 4):
-            vae._enc_conv_idx = [0]
-            step = x[:, :, :1] if k == 0 else x[:, :, 1 + 4 * (k - 1) : 1 + 4 * k]
-            out = vae.encoder(step, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx)
-            chunks.append(vae.quant_conv(out) if tiled else out)
-            tick(1)
-        vae.clear_cache()
-        moments = torch.cat(chunks, dim=2)
-        return moments if tiled else vae.quant_conv(moments)
-
-    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-        p = patch_size(self.spec)
-        if p > 1:
-            x = unpatchify(x, patch_size=p)
-        return torch.clamp(x, min=-1.0, max=1.0)

@@ -21,7 +21,7 @@ from vaepar.comm import Comm
 from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
-from vaepar.vae import Family, ModelSpec, load
+from vaepar.vae import ModelSpec, load
 
 T = TypeVar("T")
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
@@ -155,8 +155,8 @@ class Worker:
         except VaeparError as exc:
             error = str(exc)
         self.comm.agree(error)  # a model missing on one node stops every node with one line
-        shard.install(vae)  # inert outside shard runs: other strategies run the original modules
-        self.family = Family.of(vae, cfg.model)
+        shard.install(vae, cfg.model.family.shard_leaves())  # inert outside shard runs
+        self.family = cfg.model.family(vae, cfg.model)
         self.groups: dict[int, object] = {}
         self.meter = MemoryMeter(self.comm.device)
         self.jobs_started = 0

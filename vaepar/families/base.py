@@ -1,0 +1,136 @@
+"""The interface every VAE family implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from vaepar import plan
+
+if TYPE_CHECKING:
+    from vaepar.latents import Factors
+    from vaepar.vae import ModelSpec
+
+Tick = Callable[[int], None]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardLeaves:
+    """The family's own leaf modules that :func:`vaepar.shard.install` must wrap, beyond the
+    generic ones (``nn.Conv2d``, ``nn.GroupNorm``, diffusers' ``Downsample2D``)."""
+
+    attention: tuple[type, ...] = ()
+    """Attention blocks over all rows: each rank runs them on the gathered rows, keeps its band."""
+    causal_convs: tuple[type, ...] = ()
+    """Causal 3-D convolutions with a time cache (Wan's ``WanCausalConv3d`` interface)."""
+
+
+def no_tick(n: int) -> None:
+    pass
+
+
+class Family:
+    """A family of diffusers VAE classes.
+
+    Class methods read only the config (usable before any weights are loaded: planning, input
+    checks, scaling); an instance wraps a loaded VAE and runs one tile of it as diffusers does.
+    """
+
+    classes: ClassVar[tuple[str, ...]] = ()
+    """The diffusers class names this family covers."""
+    video: ClassVar[bool] = False
+    """Whether latents and pixels have a time axis, ``(B, C, F, H, W)``."""
+
+    # --- what the config says -------------------------------------------------------------------
+
+    @classmethod
+    def latent_channels(cls, config: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def scale(cls, config: dict[str, Any]) -> int:
+        """Spatial compression, pixels per latent."""
+        raise NotImplementedError
+
+    @classmethod
+    def temporal(cls, config: dict[str, Any]) -> int:
+        """Temporal compression (1 for images): ``F`` latent frames decode to ``(F - 1) * t + 1``."""
+        return 1
+
+    @classmethod
+    def patch_size(cls, config: dict[str, Any]) -> int:
+        """Pixel patches the encoder sees as channels (Wan 2.2: 2), else 1."""
+        return 1
+
+    @classmethod
+    def default_tile(cls, config: dict[str, Any]) -> int:
+        """The class's own tile size in pixels."""
+        raise NotImplementedError
+
+    @classmethod
+    def factors(cls, spec: ModelSpec, scaling: float | None = None, shift: float | None = None) -> Factors:
+        """How the class's pipelines scale latents (``scaling``/``shift``: user overrides, where the
+        family has such factors)."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode_grid(cls, spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
+        """diffusers' decode tiles for latents ``h`` x ``w`` (untiled when ``tile`` is None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def encode_grid(cls, spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
+        """diffusers' encode tiles over pixels ``h`` x ``w`` as the encoder sees them."""
+        raise NotImplementedError
+
+    @classmethod
+    def shard_leaves(cls) -> ShardLeaves:
+        """Which of the class's modules the shard wrappers handle."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_pixels(cls, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as the encoder's tiles slice them (Wan 2.2: patchified), else unchanged."""
+        return x
+
+    # --- a loaded model -------------------------------------------------------------------------
+
+    def __init__(self, vae: torch.nn.Module, spec: ModelSpec) -> None:
+        self.vae, self.spec = vae, spec
+
+    def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
+        """Raw decoder output for one tile (or the whole latent when ``tiled`` is False)."""
+        raise NotImplementedError
+
+    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
+        """Latent moments (mean and log-variance) of one tile, or of all pixels when not ``tiled``."""
+        raise NotImplementedError
+
+    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-processing after the merge (Wan: unpatchify and clamp)."""
+        return x
+
+    def prepare_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as the encoder's tiles slice them: :meth:`prepare_pixels`."""
+        return self.prepare_pixels(self.spec, x)
+
+    def steps(self, x: torch.Tensor, task: str) -> int:
+        """Progress units per tile: 1 for images; frames (decode) or time chunks (encode) for video."""
+        if x.ndim != 5:
+            return 1
+        return x.shape[2] if task == "decode" else 1 + (x.shape[2] - 1) // 4
+
+    @staticmethod
+    def latents(moments: torch.Tensor, *, sample: bool, seed: int | None) -> torch.Tensor:
+        """The posterior's mode, or a sample drawn with ``seed``."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(moments)
+        if not sample:
+            return posterior.mode()
+        generator = torch.Generator(moments.device)
+        generator.manual_seed(seed if seed is not None else 0)
+        return posterior.sample(generator)

@@ -1,0 +1,74 @@
+"""``AutoencoderKL``: SD 1.x/2.x, SDXL, SD3, Flux.1 (images; scaling_factor and shift_factor)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vaepar import plan
+from vaepar.families.base import Family, ShardLeaves, Tick, no_tick
+
+if TYPE_CHECKING:
+    from vaepar.latents import Factors
+    from vaepar.vae import ModelSpec
+
+
+class KLFamily(Family):
+    classes = ("AutoencoderKL",)
+
+    @classmethod
+    def latent_channels(cls, config: dict[str, Any]) -> int:
+        return int(config.get("latent_channels", 4))
+
+    @classmethod
+    def scale(cls, config: dict[str, Any]) -> int:
+        return 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+
+    @classmethod
+    def default_tile(cls, config: dict[str, Any]) -> int:
+        """``sample_size``, as diffusers' ``tile_sample_min_size``."""
+        size = config.get("sample_size", 512)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @classmethod
+    def factors(cls, spec: ModelSpec, scaling: float | None = None, shift: float | None = None) -> Factors:
+        """``z / scaling_factor + shift_factor`` before decode."""
+        from vaepar.latents import Factors
+
+        return Factors(scaling=scaling if scaling is not None else spec.factor("scaling_factor"),
+                       shift=shift if shift is not None else spec.factor("shift_factor"))
+
+    @classmethod
+    def decode_grid(cls, spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
+        s = spec.scale
+        if tile is None:
+            return plan.Grid(rows=plan.single(h, h * s), cols=plan.single(w, w * s))
+        return plan.kl_decode_grid(h, w, tile=tile, overlap=overlap, scale=s)
+
+    @classmethod
+    def encode_grid(cls, spec: ModelSpec, h: int, w: int, tile: int | None, overlap: float) -> plan.Grid:
+        s = spec.scale
+        if tile is None:
+            return plan.Grid(rows=plan.single(h, h // s), cols=plan.single(w, w // s))
+        return plan.kl_encode_grid(h, w, tile=tile, overlap=overlap, scale=s)
+
+    @classmethod
+    def shard_leaves(cls) -> ShardLeaves:
+        from diffusers.models.attention_processor import Attention
+
+        return ShardLeaves(attention=(Attention,))
+
+    def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
+        if self.vae.config.use_post_quant_conv:
+            z = self.vae.post_quant_conv(z)
+        out = self.vae.decoder(z)
+        tick(1)
+        return out
+
+    def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
+        h = self.vae.encoder(x)
+        if self.vae.config.use_quant_conv:
+            h = self.vae.quant_conv(h)
+        tick(1)
+        return h
