@@ -34,6 +34,37 @@ def make_kl(path: Path, channels: int = 4, post_quant: bool = True, shift: float
     return path
 
 
+def make_flux2(path: Path) -> Path:
+    """A random AutoencoderKLFlux2 (scale 4, 4 latent channels, 16 patch channels) with random
+    BatchNorm statistics, so that its pipelines' (un)scaling is visible."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8, sample_size=32,
+        layers_per_block=1,
+    )
+    vae.bn.running_mean.copy_(torch.randn(16) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    vae.save_pretrained(path)
+    return path
+
+
+def vae_class(model_dir: Path) -> type:
+    """The diffusers class a saved VAE names in its config."""
+    import json
+
+    import diffusers
+
+    return getattr(diffusers, json.loads((model_dir / "config.json").read_text())["_class_name"])
+
+
+@pytest.fixture(scope="session")
+def flux2_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {"flux2": make_flux2(tmp_path_factory.mktemp("flux2") / "flux2")}
+
+
 @pytest.fixture(scope="session")
 def kl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -47,12 +78,10 @@ def save_latents(path: Path, z: torch.Tensor, **metadata: str) -> Path:
 
 def reference_decode(model_dir: Path, z: torch.Tensor, *, tile: int | None, overlap: float = 0.25) -> torch.Tensor:
     """diffusers' own decode (tiled with the given attributes), single-threaded."""
-    from diffusers import AutoencoderKL
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        vae = AutoencoderKL.from_pretrained(model_dir).eval()
+        vae = vae_class(model_dir).from_pretrained(model_dir).eval()
         if tile is not None:
             vae.enable_tiling()
             vae.tile_sample_min_size = tile

@@ -36,11 +36,12 @@ def decode(*args: str) -> None:
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
-@pytest.mark.parametrize("model", ["kl4", "kl16"])
+@pytest.mark.parametrize("model", ["kl4", "kl16", "flux2"])
 def test_tiled_decode_is_bit_identical_to_diffusers(
-    kl_models: dict[str, Path], tmp_path: Path, model: str, nproc: int
+    kl_models: dict[str, Path], flux2_models: dict[str, Path], tmp_path: Path, model: str, nproc: int
 ) -> None:
-    zs = make_inputs(tmp_path / "in", channels=4 if model == "kl4" else 16)
+    kl_models = {**kl_models, **flux2_models}
+    zs = make_inputs(tmp_path / "in", channels=16 if model == "kl16" else 4)
     decode(*(str(tmp_path / "in" / f"{n}.safetensors") for n in zs), "--model", str(kl_models[model]),
            "--out", str(tmp_path / "out"), "--format", "safetensors", "--strategy", "tiled",
            "--tile-size", str(TILE), "--threads", "1", "--raw", "--nproc", str(nproc))

@@ -21,6 +21,7 @@ TILE = 32
 CASES = {
     "kl4": {"b1": (1, 3, 76, 92), "b2": (2, 3, 40, 36), "small": (1, 3, 24, 20)},
     "kl16": {"b1": (1, 3, 76, 92), "b2": (2, 3, 40, 36)},
+    "flux2": {"b1": (1, 3, 76, 92), "b2": (2, 3, 40, 36)},
     "wan21": {"b1": (1, 3, 5, 40, 56), "b2": (2, 3, 1, 48, 40)},
     "wan22": {"b1": (1, 3, 5, 96, 80), "b2": (2, 3, 1, 64, 48)},
 }
@@ -28,7 +29,9 @@ CASES = {
 
 def reference_encode(model_dir: Path, x: torch.Tensor, tile: int | None) -> torch.Tensor:
     """diffusers' own encode (tiled with the same attributes), single-threaded, mode of the posterior."""
-    from diffusers import AutoencoderKL, AutoencoderKLWan
+    from diffusers import AutoencoderKLWan
+
+    from conftest import vae_class
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -39,7 +42,7 @@ def reference_encode(model_dir: Path, x: torch.Tensor, tile: int | None) -> torc
                 stride = int(tile * 0.75)
                 vae.enable_tiling(tile, tile, stride, stride)
         else:
-            vae = AutoencoderKL.from_pretrained(model_dir).eval()
+            vae = vae_class(model_dir).from_pretrained(model_dir).eval()
             if tile is not None:
                 vae.enable_tiling()
                 vae.tile_sample_min_size = tile
@@ -57,13 +60,13 @@ def cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(kl_models: dict[str, Path], wan_models: dict[str, Path]) -> dict[str, Path]:
-    return {**kl_models, **wan_models}
+def models(kl_models: dict[str, Path], flux2_models: dict[str, Path], wan_models: dict[str, Path]) -> dict[str, Path]:
+    return {**kl_models, **flux2_models, **wan_models}
 
 
-# Three workers on the 4-channel KL and Wan 2.2 models; one and two on all (worker start-up is
-# the cost here).
-MATRIX = [(m, n) for m in CASES for n in (1, 2, 3) if n < 3 or m in ("kl4", "wan22")]
+# Three workers on the 4-channel KL, FLUX.2 and Wan 2.2 models; one and two on all (worker
+# start-up is the cost here).
+MATRIX = [(m, n) for m in CASES for n in (1, 2, 3) if n < 3 or m in ("kl4", "flux2", "wan22")]
 
 
 @pytest.mark.parametrize("model,nproc", MATRIX)

@@ -41,8 +41,8 @@ from vaepar.cli import app
 from vaepar.comm import Comm
 from vaepar.vae import resolve
 
-SCALES = {"kl4": 4, "kl16": 4, "wan21": 8, "wan22": 16}
-CHANNELS = {"kl4": 4, "kl16": 16, "wan21": 4, "wan22": 4}
+SCALES = {"kl4": 4, "kl16": 4, "flux2": 4, "wan21": 8, "wan22": 16}
+CHANNELS = {"kl4": 4, "kl16": 16, "flux2": 4, "wan21": 4, "wan22": 4}
 
 # Latent rows: 7 and 5 divide evenly among none of 2, 3 and 4 workers (bands 4+3, 3+2+2, 2+2+2+1;
 # 3+2, 2+2+1, 2+1+1+1); 2 and 1 rows leave workers without a band. Encode inputs are pixels with
@@ -55,8 +55,9 @@ KL_CASES = {  # name: (task, shape in latents (decode) or pixels / scale (encode
 }
 WAN_FRAMES = {"dec_b1": 3, "dec_b2": 1, "dec_1row": 2, "dec_2rows": 1, "enc_b1": 5, "enc_b2": 1, "enc_2rows": 1}
 
-# One launch per worker count; 4 workers only for the 4-channel KL and Wan 2.2 models.
-LAUNCHES = {2: ("kl4", "kl16", "wan21", "wan22"), 3: ("kl4", "kl16", "wan21", "wan22"), 4: ("kl4", "wan22")}
+# One launch per worker count; 4 workers only for the 4-channel KL, FLUX.2 and Wan 2.2 models.
+LAUNCHES = {2: ("kl4", "kl16", "flux2", "wan21", "wan22"), 3: ("kl4", "kl16", "wan21", "wan22"),
+            4: ("kl4", "flux2", "wan22")}
 MATRIX = [(m, n) for n, ms in LAUNCHES.items() for m in ms]
 
 # patch (margin 1 and the default 8 latent rows) and tiled, against untiled, on 3 workers.
@@ -103,8 +104,8 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def models(kl_models: dict[str, Path], wan_models: dict[str, Path]) -> dict[str, Path]:
-    return {**kl_models, **wan_models}
+def models(kl_models: dict[str, Path], flux2_models: dict[str, Path], wan_models: dict[str, Path]) -> dict[str, Path]:
+    return {**kl_models, **flux2_models, **wan_models}
 
 
 @pytest.fixture(scope="module")

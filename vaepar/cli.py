@@ -191,9 +191,9 @@ def _check_options(run: Run, spec: ModelSpec) -> None:
                if v is not None]
     if factors and run.raw:
         raise OptionError(f"--raw skips (un)scaling, so {'/'.join(factors)} would be ignored")
-    if factors and spec.is_video:
+    if factors and not spec.family.scalar_factors:
         raise OptionError(f"{'/'.join(factors)} apply to AutoencoderKL latents; {spec.class_name} (un)scales "
-                          "per channel with its config's latents_mean/latents_std")
+                          f"{spec.family.scaling_rule}")
     if not run.upcast and run.dtype != "float16":
         raise OptionError("--no-upcast only matters with --dtype float16")
 
@@ -437,9 +437,12 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
            task: str, dtype: str | None, tile_size: int | None, tile_overlap: float | None, halo: int | None,
            json_path: Path | None, show_plan: bool) -> None:
     from vaepar import bench, report
-    from vaepar.vae import architecture
+    from vaepar.vae import architecture, architectures
 
-    spec = resolve(model, subfolder) if model else architecture("wan-vae" if frames else "sd-vae")
+    if model in architectures():
+        spec = architecture(model)
+    else:
+        spec = resolve(model, subfolder) if model else architecture("wan-vae" if frames else "sd-vae")
     if gpus is not None and nproc is not None:
         raise OptionError(f"--gpus {gpus} already sets the worker counts; drop --nproc {nproc}")
     compat.check_diffusers()
@@ -470,8 +473,8 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help=(
-        "Model as for decode. Default: the SD VAE architecture (configs/architectures/sd-vae.json; "
-        "wan-vae.json with --frames) with random weights, no download."))] = None,
+        "Model as for decode, or an architecture with random weights, no download: sd-vae (the default), "
+        "wan-vae (the default with --frames), flux2-vae (configs/architectures/)."))] = None,
     subfolder: Subfolder = None,
     resolution: Annotated[str, typer.Option(help="Pixel size of the image or video: N or HxW.")] = "1024",
     frames: Annotated[int | None, typer.Option(help="Video frames (1 + 4k): benchmark a video (Wan) model.")] = None,

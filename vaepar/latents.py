@@ -8,6 +8,7 @@ unpack Flux latents), ``scaled`` (``"true"``/``"false"``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,22 +138,34 @@ def unpack(path: Path, t: torch.Tensor, spec: ModelSpec, height: int, width: int
     return t.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
+@functools.lru_cache(maxsize=16)
+def _factors(spec: ModelSpec, scaling: float | None, shift: float | None) -> Factors:
+    return spec.family.factors(spec, scaling, shift)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Factors:
-    """How pipelines scale latents: KL ``z / scaling + shift``; Wan ``z / (1 / std) + mean``."""
+    """How pipelines scale latents, computed as they compute it: KL ``z / scaling + shift``; per
+    channel (Wan) ``z / (1 / std) + mean``; per 2x2 patch channel (``patch`` 2, FLUX.2's BatchNorm
+    statistics, ``4C`` values in ``(c, dy, dx)`` order) ``z * std + mean``."""
 
     scaling: float | None = None
     shift: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    patch: int = 1
 
     @staticmethod
     def of(spec: ModelSpec, scaling: float | None = None, shift: float | None = None) -> Factors:
-        """The model family's pipeline factors (``scaling``/``shift``: user overrides)."""
-        return spec.family.factors(spec, scaling, shift)
+        """The model family's pipeline factors (``scaling``/``shift``: user overrides); computed
+        once per model (FLUX.2's come from its weights)."""
+        return _factors(spec, scaling, shift)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents as pipelines store them: the inverse of :meth:`unscale`."""
+        if self.patch > 1:
+            mean, std = self._per_patch(z)
+            return (z - mean) / std
         if self.mean is not None and self.std is not None:
             mean, inv_std = self._per_channel(z)
             return (z - mean) * inv_std
@@ -166,8 +179,25 @@ class Factors:
         inv_std = 1.0 / torch.tensor(self.std).view(shape).to(z.device, z.dtype)
         return mean, inv_std
 
+    def _per_patch(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std maps over ``z`` (B, C, H, W): latent (y, x) of channel c takes patch
+        channel (c, y % p, x % p)."""
+        assert self.mean is not None and self.std is not None
+        p, (c, h, w) = self.patch, z.shape[-3:]
+        if h % p or w % p or len(self.mean) != c * p * p:
+            raise VaeparError(f"latents {tuple(z.shape)} do not fit {p}x{p} patch statistics of "
+                              f"{len(self.mean)} channels")
+
+        def tiled(values: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(values).view(1, c, p, p).repeat(1, 1, h // p, w // p).to(z.device, z.dtype)
+
+        return tiled(self.mean), tiled(self.std)
+
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents as the pipeline hands them to ``vae.decode``."""
+        if self.patch > 1:
+            mean, std = self._per_patch(z)
+            return z * std + mean
         if self.mean is not None and self.std is not None:
             mean, inv_std = self._per_channel(z)
             return z / inv_std + mean

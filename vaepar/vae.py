@@ -97,6 +97,11 @@ def architecture(name: str) -> ModelSpec:
                      random_weights=True)
 
 
+def architectures() -> tuple[str, ...]:
+    """The names :func:`architecture` knows."""
+    return tuple(sorted(p.stem for p in _config_file("architectures").glob("*.json")))
+
+
 def _config_file(*parts: str) -> Path:
     source = Path(__file__).resolve().parent.parent / "configs"
     if source.is_dir():
@@ -198,6 +203,33 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.
     except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...
         raise VaeparError(f"model '{spec.name}': cannot load weights: {exc}") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def read_weights(spec: ModelSpec, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A few tensors of the VAE's safetensors weights (e.g. BatchNorm statistics that its pipeline
+    scales latents with), read without loading the model."""
+    from safetensors import SafetensorError, safe_open
+
+    if spec.local:
+        path = Path(spec.source) / spec.subfolder / WEIGHTS
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(spec.source, WEIGHTS, subfolder=spec.subfolder or None))
+        except Exception as exc:  # the hub client raises many types; all mean "not there"
+            raise VaeparError(f"model '{spec.name}': cannot fetch {WEIGHTS} ({type(exc).__name__})") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in keys if k not in f.keys()]
+            if missing:
+                raise VaeparError(f"model '{spec.name}': {path} has no {', '.join(missing)}")
+            return {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError) as exc:
+        raise VaeparError(f"model '{spec.name}': cannot read {path} ({exc})") from None
 
 
 def model_reference(spec: ModelSpec) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from vaepar.errors import VaeparError
 from vaepar.families.base import Family, ShardLeaves, Tick
+from vaepar.families.flux2 import Flux2Family
 from vaepar.families.kl import KLFamily
 from vaepar.families.wan import WanFamily
 
-FAMILIES: tuple[type[Family], ...] = (KLFamily, WanFamily)
+FAMILIES: tuple[type[Family], ...] = (KLFamily, Flux2Family, WanFamily)
 SUPPORTED: tuple[str, ...] = tuple(name for family in FAMILIES for name in family.classes)
 
 __all__ = ["FAMILIES", "SUPPORTED", "Family", "ShardLeaves", "Tick", "all_shard_leaves", "of"]

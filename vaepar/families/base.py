@@ -43,6 +43,10 @@ class Family:
     """The diffusers class names this family covers."""
     video: ClassVar[bool] = False
     """Whether latents and pixels have a time axis, ``(B, C, F, H, W)``."""
+    scalar_factors: ClassVar[bool] = False
+    """Whether ``--scaling-factor``/``--shift-factor`` apply (a scale and shift for all channels)."""
+    scaling_rule: ClassVar[str] = ""
+    """How its pipelines (un)scale latents, for messages."""
 
     # --- what the config says -------------------------------------------------------------------
 

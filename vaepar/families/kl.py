@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 class KLFamily(Family):
     classes = ("AutoencoderKL",)
+    scalar_factors = True
+    scaling_rule = "z / scaling_factor + shift_factor"
 
     @classmethod
     def latent_channels(cls, config: dict[str, Any]) -> int:

@@ -20,6 +20,7 @@ TILE = 256  # diffusers' tile_sample_min_height/width for this class
 class WanFamily(Family):
     classes = ("AutoencoderKLWan",)
     video = True
+    scaling_rule = "per channel with its config's latents_mean/latents_std"
 
     @classmethod
     def latent_channels(cls, config: dict[str, Any]) -> int:
