@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -159,3 +160,90 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+HAS_LTX2 = hasattr(diffusers, "AutoencoderKLLTX2Video")  # not in diffusers 0.36
+NEEDS_LTX2 = pytest.mark.skipif(not HAS_LTX2, reason="this diffusers release has no AutoencoderKLLTX2Video")
+
+
+def with_ltx2(*values: object) -> object:
+    """A parametrize value, skipped where diffusers has no LTX-2 class and the value names it."""
+    return pytest.param(*values, marks=NEEDS_LTX2) if "ltx2" in values else (values[0] if len(values) == 1 else values)
+
+
+def make_qwen(path: Path) -> Path:
+    """A random AutoencoderKLQwenImage (Wan 2.1's design on one frame): 8x, 4 latent channels, with
+    per-channel latents_mean/latents_std that its pipelines (un)scale with."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(3)
+    AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=WAN_MEAN,
+                           latents_std=WAN_STD).save_pretrained(path)
+    return path
+
+
+def make_hv15(path: Path) -> Path:
+    """A random AutoencoderKLHunyuanVideo15: 16x in space, 4x in time, 4 latent channels."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    torch.manual_seed(4)
+    AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16, 32, 32), layers_per_block=1,
+                                scaling_factor=0.7).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The families added after KL and Wan: Qwen-Image, HunyuanVideo 1.5 and LTX-2."""
+    root = tmp_path_factory.mktemp("families")
+    models = {"qwen": make_qwen(root / "qwen"), "hv15": make_hv15(root / "hv15")}
+    return models | ({"ltx2": make_ltx2(root / "ltx2")} if HAS_LTX2 else {})
+
+
+def enable_tiling(vae: torch.nn.Module, tile: int, overlap: float = 0.25) -> None:
+    """diffusers' tiling attributes of ``vae``'s class set as vaepar maps ``--tile-size``/``--tile-overlap``."""
+    name = type(vae).__name__
+    if name in ("AutoencoderKL", "AutoencoderKLFlux2"):
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_overlap_factor = overlap
+    elif name == "AutoencoderKLHunyuanVideo15":
+        lat = tile // vae.spatial_compression_ratio
+        vae.enable_tiling(tile, tile, lat, lat, overlap)
+    else:  # Wan, Qwen-Image: tile and stride in pixels
+        stride = int(tile * (1 - overlap))
+        vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                          tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+
+
+def reference(model_dir: Path, task: str, x: torch.Tensor, *, tile: int | None = None,
+              overlap: float = 0.25) -> torch.Tensor:
+    """diffusers' own ``vae.decode(z).sample`` or ``vae.encode(x).latent_dist.mode()`` (tiled as vaepar
+    maps ``tile``/``overlap``), single-threaded, one sample per call where the class needs it; image tensors of a class that works on frames get
+    their one-frame axis around the call."""
+    with single_thread():
+        vae = vae_class(model_dir).from_pretrained(model_dir).eval()
+        if tile is not None:
+            enable_tiling(vae, tile, overlap)
+        if type(vae).__name__ == "AutoencoderKLHunyuanVideo15":
+            vae.enable_slicing()  # its attention mask fails on batches > 1 otherwise
+        frame = x.ndim == 4 and type(vae).__name__ == "AutoencoderKLQwenImage"
+        x = x.unsqueeze(2) if frame else x
+        with torch.no_grad():
+            out = vae.decode(x).sample if task == "decode" else vae.encode(x).latent_dist.mode()
+        return out.squeeze(2) if frame else out
+
+
+def make_ltx2(path: Path) -> Path:
+    """A random AutoencoderKLLTX2Video: 32x in space (4x4 patches, three 2x stages), 8x in time,
+    8 latent channels, a non-causal decoder that pads by reflection, no noise injection."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    torch.manual_seed(5)
+    AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(8, 16, 32),
+                           layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                           decoder_inject_noise=(False,) * 4, patch_size=4, spatial_compression_ratio=32,
+                           temporal_compression_ratio=8, decoder_causal=False).save_pretrained(path)
+    return path

@@ -2,7 +2,7 @@
 
 Workers start under torch's ``elastic_launch`` (gloo, one intra-op thread each), initialise the
 default process group themselves as a user's torchrun script does, load the tiny random
-AutoencoderKL and Wan 2.1 / 2.2 VAEs, parallelize them and return what ``vae.decode`` and
+AutoencoderKL, Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5 and LTX-2 VAEs, parallelize them and return what ``vae.decode`` and
 ``vae.encode`` gave on every rank. The test process compares each rank's result with diffusers'
 own single-process result: ``shard`` within 1e-4 * max(1, max|ref|) of untiled, ``tiled``
 (after ``vae.enable_tiling()``) equal with ``torch.equal`` to diffusers' serial tiled result,
@@ -22,39 +22,34 @@ import torch
 import torch.distributed as dist
 
 import vaepar
-from conftest import make_kl, make_wan, single_thread
+from conftest import HAS_LTX2, enable_tiling, make_hv15, make_kl, make_ltx2, make_qwen, make_wan, single_thread, vae_class
 
-SCALE = {"kl4": 4, "wan21": 8, "wan22": 16}
-TILES = {"kl4": (16, None), "wan21": (32, 24), "wan22": (64, 48)}  # sample tile, Wan stride
+# name: (latent shape, pixel shape) as the class's pipelines pass them; 7 latent rows (uneven on 2 and
+# 3 ranks), batch 2 for KL and Qwen-Image (with its frame axis of 1), several latent frames for video.
+SHAPES = {
+    "kl4": ((2, 4, 7, 9), (2, 3, 28, 36)),
+    "wan21": ((1, 4, 3, 7, 9), (1, 3, 5, 56, 72)),
+    "wan22": ((1, 4, 3, 7, 9), (1, 3, 5, 112, 144)),
+    "qwen": ((2, 4, 1, 7, 9), (2, 3, 1, 56, 72)),
+    "hv15": ((1, 4, 2, 7, 9), (1, 3, 5, 112, 144)),
+    "ltx2": ((1, 8, 2, 7, 9), (1, 3, 9, 224, 288)),
+}
+TILES = {"kl4": (16, 0.25), "wan21": (32, 0.25), "wan22": (64, 0.25), "qwen": (32, 0.25), "hv15": (64, 0.25),
+         "ltx2": (256, 0.375)}  # sample tile, overlap
 
 
 def load(name: str, path: str) -> torch.nn.Module:
-    from diffusers import AutoencoderKL, AutoencoderKLWan
-
-    return (AutoencoderKLWan if name.startswith("wan") else AutoencoderKL).from_pretrained(path).eval()
+    return vae_class(Path(path)).from_pretrained(path).eval()
 
 
 def enable_small_tiling(vae: torch.nn.Module, name: str) -> None:
-    tile, stride = TILES[name]
-    if stride is None:
-        vae.enable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // SCALE[name]
-    else:
-        vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
-                          tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+    enable_tiling(vae, *TILES[name])
 
 
 def inputs() -> dict[str, dict[str, torch.Tensor]]:
-    """Uneven rows for 2 and 3 ranks (7 latent rows), batch 2 for KL, 3 latent frames for Wan."""
     g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, s in SCALE.items():
-        video = name.startswith("wan")
-        lead, frames = (1, [3]) if video else (2, [])
-        z = torch.randn(lead, 4, *frames, 7, 9, generator=g)
-        x = torch.rand(lead, 3, *([5] if video else []), 7 * s, 9 * s, generator=g) * 2 - 1
-        out[name] = {"z": z, "x": x}
-    return out
+    return {name: {"z": torch.randn(z, generator=g), "x": torch.rand(x, generator=g) * 2 - 1}
+            for name, (z, x) in SHAPES.items()}
 
 
 def checks(paths: dict[str, str], data: dict[str, dict[str, torch.Tensor]], dit: str | None) -> dict[str, Any]:
@@ -79,7 +74,7 @@ def checks(paths: dict[str, str], data: dict[str, dict[str, torch.Tensor]], dit:
                 got[f"{name} tiled encode"] = posterior.mode()
                 got[f"{name} tiled sample"] = posterior.sample(torch.Generator().manual_seed(5))
             vae.disable_tiling()
-            vaepar.parallelize(vae, tile_size=TILES[name][0])  # a tile size, tiling off: tiled too
+            vaepar.parallelize(vae, tile_size=TILES[name][0], tile_overlap=TILES[name][1])  # tiling off: tiled too
             with torch.no_grad():
                 got[f"{name} tile_size decode"] = vae.decode(z).sample
             vaepar.unparallelize(vae)
@@ -152,7 +147,10 @@ def launch(nproc: int, *args: Any) -> dict[int, dict[str, Any]]:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict[str, Any], Path]:
     root = tmp_path_factory.mktemp("api")
     paths = {"kl4": str(make_kl(root / "kl4")), "wan21": str(make_wan(root / "wan21", "wan21")),
-             "wan22": str(make_wan(root / "wan22", "wan22"))}
+             "wan22": str(make_wan(root / "wan22", "wan22")), "qwen": str(make_qwen(root / "qwen")),
+             "hv15": str(make_hv15(root / "hv15"))}
+    if HAS_LTX2:  # diffusers >= 0.37
+        paths["ltx2"] = str(make_ltx2(root / "ltx2"))
     return paths, inputs(), make_dit(root / "dit", Path(paths["kl4"]))
 
 

@@ -35,7 +35,8 @@ def test_local_folder_with_vae_subfolder(kl_models: dict[str, Path], tmp_path: P
 
 def test_every_preset_names_a_repo_and_known_factors() -> None:
     table = presets()
-    assert {"sd15", "sdxl", "sd3", "flux", "wan2.1", "wan2.2"} <= set(table)
+    assert {"sd15", "sdxl", "sd3", "flux", "flux2-dev", "qwen-image", "wan2.1", "wan2.2", "hunyuanvideo-1.5",
+            "ltx2"} <= set(table)
     assert table["flux"]["shift_factor"] == pytest.approx(0.1159) and table["flux"]["packed"]
     assert all("/" in entry["repo"] for entry in table.values() if "path" not in entry)
 

@@ -32,13 +32,13 @@ class Options:
     strategy: str = "auto"
     group: Any = None
     tile_size: int | None = None
-    tile_overlap: float = 0.25
+    tile_overlap: float | None = None
     halo: int = 8
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise OptionError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
-        if not 0 <= self.tile_overlap < 0.5:
+        if self.tile_overlap is not None and not 0 <= self.tile_overlap < 0.5:
             raise OptionError(f"tile_overlap must be in [0, 0.5), got {self.tile_overlap}")
         if self.tile_size is not None and self.tile_size <= 0:
             raise OptionError(f"tile_size must be positive, got {self.tile_size}")
@@ -54,10 +54,10 @@ class _State:
 
 
 def parallelize(vae: nn.Module, *, strategy: str = "auto", group: Any = None, tile_size: int | None = None,
-                tile_overlap: float = 0.25, halo: int = 8) -> nn.Module:
+                tile_overlap: float | None = None, halo: int = 8) -> nn.Module:
     """Make ``vae.decode`` and ``vae.encode`` run across the ranks of ``group``, in place.
 
-    ``vae``: a loaded ``AutoencoderKL`` or ``AutoencoderKLWan``. ``group``: a process group the
+    ``vae``: a loaded VAE of a supported class (``vaepar.families.SUPPORTED``). ``group``: a process group the
     caller initialised (default: the default group; without one, or with one rank, the VAE runs
     as before). Every rank must call ``decode``/``encode`` with the same input, as a pipeline
     running on every rank does, and every rank gets diffusers' own return value: a
@@ -68,7 +68,7 @@ def parallelize(vae: nn.Module, *, strategy: str = "auto", group: Any = None, ti
     layer (equal to the untiled decode to float rounding, activations ~1/N per rank); ``tiled``
     spreads diffusers' tile grid over the ranks, bit-identical to diffusers' serial tiled decode
     and encode (tiles from ``tile_size``/``tile_overlap``, else from the VAE's own tiling
-    attributes after ``vae.enable_tiling()``); ``patch`` runs bands with ``halo`` latent rows of
+    attributes after ``vae.enable_tiling()``; ``tile_overlap`` defaults to the class's own); ``patch`` runs bands with ``halo`` latent rows of
     margin and no communication (approximate); ``auto`` is ``tiled`` when tiling is enabled or
     ``tile_size`` is given, else ``shard``. Inputs with fewer latent rows than ranks run whole on
     every rank.
@@ -115,19 +115,25 @@ def unparallelize(vae: nn.Module) -> nn.Module:
     return vae
 
 
-def _decode(self: nn.Module, z: torch.Tensor, return_dict: bool = True) -> Any:
+def _decode(self: nn.Module, z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """The class's ``_decode(z, ...)``, parallel: its extra arguments go to the family (LTX-2's
+    ``temb``), and the result takes the form the class's own ``_decode`` returns."""
     from diffusers.models.autoencoders.vae import DecoderOutput
 
+    family = getattr(self, _STATE).family
+    family.decode_arguments(*args, **kwargs)
     out = _run(self, "decode", z)
     if out is None:
-        return type(self)._decode(self, z, return_dict=return_dict)
-    sample = getattr(self, _STATE).family.finish_decode(out)
-    return DecoderOutput(sample=sample) if return_dict else (sample,)
+        return type(self)._decode(self, z, *args, **kwargs)
+    sample = family.finish_decode(out)
+    if family.decode_returns_tensor:
+        return sample
+    return DecoderOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
-def _encode(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _encode(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     out = _run(self, "encode", x)
-    return type(self)._encode(self, x) if out is None else out
+    return type(self)._encode(self, x, *args, **kwargs) if out is None else out
 
 
 def _run(vae: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -162,13 +168,4 @@ def _tiling(vae: nn.Module, options: Options, spec: ModelSpec) -> tuple[int | No
     ``vae.enable_tiling()`` was called (a tile size makes ``auto`` choose ``tiled``)."""
     if options.tile_size is not None or not getattr(vae, "use_tiling", False):
         return options.tile_size, options.tile_overlap
-    if spec.is_video:
-        size, stride = vae.tile_sample_min_height, vae.tile_sample_stride_height
-        if (size, stride) != (vae.tile_sample_min_width, vae.tile_sample_stride_width):
-            raise OptionError("vaepar's tiled strategy needs square tiles: tile_sample_min_height/width and "
-                              "tile_sample_stride_height/width must be equal")
-        return size, 1 - (stride + 0.5) / size  # the overlap whose int(size * (1 - overlap)) is stride
-    size = vae.tile_sample_min_size
-    if vae.tile_latent_min_size != size // spec.scale:
-        raise OptionError("vaepar's tiled strategy needs tile_latent_min_size = tile_sample_min_size // scale")
-    return size, vae.tile_overlap_factor
+    return spec.family.own_tiling(vae, spec)

@@ -223,7 +223,7 @@ def plan_rows(bench: BenchConfig) -> list[dict[str, Any]]:
     if bench.task == "encode":
         x = family.prepare_encode(x)
     steps = family.steps(x, bench.task)
-    if x.ndim == 5:  # frame-by-frame models: run the first steps, scale traffic to all of them
+    if x.ndim == 5 and steps > 1:  # frame-by-frame models: run the first steps, scale traffic to all of them
         x = x[:, :, : min(x.shape[2], 5 if bench.task == "encode" else 2)]
     scale = steps / family.steps(x, bench.task)
     rows = worker.latent_rows(cfg.model, bench.task, x.shape[-2])

@@ -23,7 +23,7 @@ from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E40
 from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
 from vaepar.latents import Factors  # noqa: E402
 from vaepar.protocol import DEFAULT_MAX_PIXELS  # noqa: E402
-from vaepar.vae import ModelSpec, model_reference, resolve  # noqa: E402
+from vaepar.vae import ModelSpec, architectures, model_reference, resolve  # noqa: E402
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -48,7 +48,7 @@ Strategy = Annotated[str, typer.Option(help=STRATEGY_HELP)]
 TileSize = Annotated[int | None, typer.Option(help=(
     "Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan). "
     "tiled and auto only; with auto it selects tiled."))]
-TileOverlap = Annotated[float | None, typer.Option(help="Tile overlap factor in [0, 0.5) (default 0.25); tiled and auto only.",
+TileOverlap = Annotated[float | None, typer.Option(help="Tile overlap factor in [0, 0.5) (default: the class's own, 0.25; LTX-2 0.125); tiled and auto only.",
                                                    show_default=False)]
 ScalingFactor = Annotated[float | None, typer.Option(help="Override the model's scaling_factor (AutoencoderKL).")]
 ShiftFactor = Annotated[float | None, typer.Option(help="Override the model's shift_factor (AutoencoderKL).")]
@@ -437,7 +437,7 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
            task: str, dtype: str | None, tile_size: int | None, tile_overlap: float | None, halo: int | None,
            json_path: Path | None, show_plan: bool) -> None:
     from vaepar import bench, report
-    from vaepar.vae import architecture, architectures
+    from vaepar.vae import architecture
 
     if model in architectures():
         spec = architecture(model)
@@ -473,8 +473,8 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help=(
-        "Model as for decode, or an architecture with random weights, no download: sd-vae (the default), "
-        "wan-vae (the default with --frames), flux2-vae (configs/architectures/)."))] = None,
+        "Model as for decode, or an architecture of configs/architectures/ with random weights, no download: "
+        f"{', '.join(architectures())}. Default: sd-vae (wan-vae with --frames)."))] = None,
     subfolder: Subfolder = None,
     resolution: Annotated[str, typer.Option(help="Pixel size of the image or video: N or HxW.")] = "1024",
     frames: Annotated[int | None, typer.Option(help="Video frames (1 + 4k): benchmark a video (Wan) model.")] = None,

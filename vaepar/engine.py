@@ -21,7 +21,7 @@ from vaepar.vae import ModelSpec
 BANDED = ("shard", "patch")
 
 
-def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: float, task: str,
+def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: float | None, task: str,
            shape: tuple[int, ...], world: int = 1) -> tuple[str, plan.Grid]:
     """The strategy and tile grid for an input of ``shape``, the same on every rank.
 
@@ -32,6 +32,7 @@ def choose(spec: ModelSpec, strategy: str, tile_size: int | None, tile_overlap: 
     """
     h, w = shape[-2], shape[-1]
     tile = tile_size or spec.default_tile
+    tile_overlap = spec.family.default_overlap(spec.config) if tile_overlap is None else tile_overlap
     make = spec.family.decode_grid if task == "decode" else spec.family.encode_grid
     untiled = make(spec, h, w, None, tile_overlap)
     if strategy == "auto" and world > 1 and tile_size is None and latent_rows(spec, task, h) >= 2:

@@ -59,9 +59,12 @@ def load(path: Path, spec: ModelSpec, *, height: int | None = None, width: int |
         raise VaeparError(f"{path}: latents must be floating point, got {tensor.dtype}")
     if spec.is_video and (height is not None or width is not None):
         raise OptionError(f"{path}: --height/--width unpack packed image latents; leave them out for video")
-    if not spec.is_video and tensor.ndim == 3:
+    packed = not spec.is_video and tensor.ndim == 3
+    if packed:
         tensor = unpack(path, tensor, spec, height or _int(meta, "height", path), width or _int(meta, "width", path))
-    elif height is not None or width is not None:
+    elif spec.family.frame_axis and tensor.ndim == 5 and tensor.shape[2] == 1:
+        tensor = tensor[:, :, 0]
+    if not packed and (height is not None or width is not None):
         raise OptionError(f"{path}: --height/--width unpack packed latents (B, N, 4C), but this file "
                           f"holds {tuple(tensor.shape)}; leave them out")
     check_latents(path, tensor, spec)

@@ -225,7 +225,8 @@ def print_plan(rows: list[dict[str, Any]], bench: Any, console: Console) -> None
     console.print(table)
     console.print("imbalance: heaviest rank's work over the mean; sent/rank: halo strips or halo rows plus "
                   "the rank's part of the result; activations: largest layer input + output on the busiest "
-                  "rank (an estimate of the activation peak, weights excluded; video: per frame step)")
+                  "rank (an estimate of the activation peak, weights excluded; frame-by-frame video models: "
+                  "per frame step)")
 
 
 class Stopwatch:

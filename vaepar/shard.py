@@ -40,14 +40,6 @@ class Context:
     reductions: int = 0
     gathers: int = 0
 
-    def exchange_rows(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """``x`` with ``top`` rows of the band above and ``bottom`` rows of the band below (dim -2);
-        zeros where there is no neighbour (the global edges, as zero padding)."""
-        if top == 0 and bottom == 0:
-            return x
-        above, below = self.halos(x, top, bottom)
-        return torch.cat([above, x, below], dim=-2)
-
     def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``top`` rows of the band above and the ``bottom`` rows of the band below; zeros where
         there is no neighbour."""
@@ -65,6 +57,21 @@ class Context:
         self.exchanges += 1
         self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
         return above, below
+
+    def exchange_rows(self, x: torch.Tensor, top: int, bottom: int, mode: str = "zeros") -> torch.Tensor:
+        """``x`` with ``top`` rows of the band above and ``bottom`` rows of the band below (dim -2);
+        at the global top and bottom edges, the rows ``F.pad`` adds in ``mode`` (zeros, replicate,
+        reflect)."""
+        if top == 0 and bottom == 0:
+            return x
+        above, below = self.halos(x, top, bottom)
+        first, last = self.index == 0, self.index == self.active - 1
+        if mode != "zeros" and first and top:  # rows 1..top of the whole input: this band's, then the next's
+            above = edge_rows(x if last else torch.cat([x[..., : top + 1, :], below], dim=-2), top, mode, at_top=True)
+        if mode != "zeros" and last and bottom:
+            below = edge_rows(x if first else torch.cat([above, x[..., -bottom - 1 :, :]], dim=-2), bottom, mode,
+                              at_top=False)
+        return torch.cat([above, x, below], dim=-2)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the active ranks (in place)."""
@@ -198,6 +205,65 @@ class HaloCausalConv3d(_Wrapper):
         return buf
 
 
+class HaloPaddedConv3d(_Wrapper):
+    """A 3-D convolution that pads its own input before a plain ``conv`` (HunyuanVideo 1.5:
+    ``time_causal_padding`` in ``F.pad`` order, edges replicated by ``pad_mode``): between bands the
+    rows above and below are the neighbours', at the global top and bottom the pad mode's."""
+
+    wraps = "inner"
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _current is None:
+            return self.inner(x)
+        m = self.inner
+        left, right, top, bottom, front, back = m.time_causal_padding
+        x = F.pad(x, (left, right, 0, 0, front, back), mode=m.pad_mode)
+        return m.conv(_current.exchange_rows(x, top, bottom, m.pad_mode))
+
+
+class HaloEdgeFrameConv3d(_Wrapper):
+    """LTX-2's 3-D convolution: edge frames repeated in time as the module does, then rows padded
+    with the neighbours' between bands and by the conv's ``padding_mode`` (reflect in the decoder)
+    at the global top and bottom."""
+
+    wraps = "inner"
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        if _current is None:
+            return self.inner(x, causal=causal)
+        m, c = self.inner, self.inner.conv
+        k = m.kernel_size[0]
+        front, back = (k - 1, 0) if causal else ((k - 1) // 2, (k - 1) // 2)
+        x = torch.cat([x[:, :, :1].repeat(1, 1, front, 1, 1), x, x[:, :, -1:].repeat(1, 1, back, 1, 1)], dim=2)
+        _, top, left = c.padding
+        mode = c.padding_mode
+        if left:
+            x = F.pad(x, (left, left, 0, 0, 0, 0), mode="constant" if mode == "zeros" else mode)
+        x = _current.exchange_rows(x, top, top, mode)
+        return F.conv3d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+def edge_rows(x: torch.Tensor, n: int, mode: str, *, at_top: bool) -> torch.Tensor:
+    """The ``n`` rows ``F.pad`` adds above (``at_top``) or below ``x`` in ``mode``."""
+    h = x.shape[-2]
+    if mode == "replicate":
+        rows = [0] * n if at_top else [h - 1] * n
+    elif mode == "reflect":
+        assert h > n, "reflection needs more rows than it pads"
+        rows = list(range(n, 0, -1)) if at_top else list(range(h - 2, h - 2 - n, -1))
+    else:
+        raise NotImplementedError(f"padding mode {mode}")
+    return x[..., rows, :]
+
+
 class ShardGroupNorm(_Wrapper):
     """GroupNorm with statistics over all bands: mean first, then the centred sum of squares."""
 
@@ -289,6 +355,10 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
         return GatheredAttention(m)
     if isinstance(m, leaves.causal_convs):
         return HaloCausalConv3d(m)
+    if isinstance(m, leaves.padded_convs):
+        return HaloPaddedConv3d(m)
+    if isinstance(m, leaves.edge_frame_convs):
+        return HaloEdgeFrameConv3d(m)
     if isinstance(m, nn.GroupNorm):
         return ShardGroupNorm(m)
     if isinstance(m, Downsample2D) and m.use_conv and m.padding == 0 and m.norm is None:

@@ -38,7 +38,7 @@ class WorkerConfig:
     threads: int | None = None
     strategy: str = "auto"
     tile_size: int | None = None
-    tile_overlap: float = 0.25
+    tile_overlap: float | None = None
     factors: Factors | None = None
     fps: int = 16
     quality: int = 8
@@ -57,7 +57,7 @@ class WorkerConfig:
             raise OptionError(f"unknown --strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"--threads must be at least 1, got {self.threads}")
-        if not 0 <= self.tile_overlap < 0.5:
+        if self.tile_overlap is not None and not 0 <= self.tile_overlap < 0.5:
             raise OptionError(f"--tile-overlap must be in [0, 0.5), got {self.tile_overlap}")
         if self.tile_size is not None and (self.tile_size <= 0 or self.tile_size % self.model.scale):
             raise OptionError(f"--tile-size must be a positive multiple of the model's scale "

@@ -8,13 +8,19 @@ ask the family (``spec.family``) and never name a class.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from vaepar.errors import VaeparError
 from vaepar.families.base import Family, ShardLeaves, Tick
 from vaepar.families.flux2 import Flux2Family
+from vaepar.families.hunyuanvideo15 import HunyuanVideo15Family
 from vaepar.families.kl import KLFamily
+from vaepar.families.ltx2 import LTX2Family
+from vaepar.families.qwenimage import QwenImageFamily
 from vaepar.families.wan import WanFamily
 
-FAMILIES: tuple[type[Family], ...] = (KLFamily, Flux2Family, WanFamily)
+FAMILIES: tuple[type[Family], ...] = (KLFamily, Flux2Family, QwenImageFamily, WanFamily, HunyuanVideo15Family,
+                                      LTX2Family)
 SUPPORTED: tuple[str, ...] = tuple(name for family in FAMILIES for name in family.classes)
 
 __all__ = ["FAMILIES", "SUPPORTED", "Family", "ShardLeaves", "Tick", "all_shard_leaves", "of"]
@@ -22,9 +28,13 @@ __all__ = ["FAMILIES", "SUPPORTED", "Family", "ShardLeaves", "Tick", "all_shard_
 
 def all_shard_leaves() -> ShardLeaves:
     """Every family's shard leaves together."""
-    leaves = [family.shard_leaves() for family in FAMILIES]
-    return ShardLeaves(attention=tuple(t for lv in leaves for t in lv.attention),
-                       causal_convs=tuple(t for lv in leaves for t in lv.causal_convs))
+    leaves = []
+    for family in FAMILIES:
+        try:
+            leaves.append(family.shard_leaves())
+        except ImportError:  # a class the installed diffusers release does not have (LTX-2 before 0.37)
+            continue
+    return ShardLeaves(**{f.name: tuple(t for lv in leaves for t in getattr(lv, f.name)) for f in fields(ShardLeaves)})
 
 
 def of(class_name: str) -> type[Family]:

@@ -26,6 +26,12 @@ class ShardLeaves:
     """Attention blocks over all rows: each rank runs them on the gathered rows, keeps its band."""
     causal_convs: tuple[type, ...] = ()
     """Causal 3-D convolutions with a time cache (Wan's ``WanCausalConv3d`` interface)."""
+    padded_convs: tuple[type, ...] = ()
+    """3-D convolutions that pad their own input, then call a plain ``conv`` (HunyuanVideo 1.5's
+    ``time_causal_padding``/``pad_mode`` interface)."""
+    edge_frame_convs: tuple[type, ...] = ()
+    """3-D convolutions that repeat edge frames in time and leave space to their ``conv``'s own
+    ``padding``/``padding_mode`` (LTX-2's ``LTX2VideoCausalConv3d`` interface, ``causal=``)."""
 
 
 def no_tick(n: int) -> None:
@@ -43,10 +49,14 @@ class Family:
     """The diffusers class names this family covers."""
     video: ClassVar[bool] = False
     """Whether latents and pixels have a time axis, ``(B, C, F, H, W)``."""
+    frame_axis: ClassVar[bool] = False
+    """An image family whose class works on ``(B, C, 1, H, W)``: latent files may hold that frame axis."""
     scalar_factors: ClassVar[bool] = False
     """Whether ``--scaling-factor``/``--shift-factor`` apply (a scale and shift for all channels)."""
     scaling_rule: ClassVar[str] = ""
     """How its pipelines (un)scale latents, for messages."""
+    decode_returns_tensor: ClassVar[bool] = False
+    """Whether the class's own ``_decode`` returns the sample itself rather than a ``DecoderOutput``."""
 
     # --- what the config says -------------------------------------------------------------------
 
@@ -75,6 +85,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def default_overlap(cls, config: dict[str, Any]) -> float:
+        """The overlap factor that gives the class's own default tile stride."""
+        return 0.25
+
+    @classmethod
     def factors(cls, spec: ModelSpec, scaling: float | None = None, shift: float | None = None) -> Factors:
         """How the class's pipelines scale latents (``scaling``/``shift``: user overrides, where the
         family has such factors)."""
@@ -96,6 +111,12 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def own_tiling(cls, vae: torch.nn.Module, spec: ModelSpec) -> tuple[int, float]:
+        """Tile size and overlap from the loaded class's own tiling attributes (set by the user's
+        ``vae.enable_tiling(...)``), as ``--tile-size``/``--tile-overlap`` would give them."""
+        raise NotImplementedError
+
+    @classmethod
     def prepare_pixels(cls, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
         """Pixels as the encoder's tiles slice them (Wan 2.2: patchified), else unchanged."""
         return x
@@ -104,6 +125,10 @@ class Family:
 
     def __init__(self, vae: torch.nn.Module, spec: ModelSpec) -> None:
         self.vae, self.spec = vae, spec
+
+    def decode_arguments(self, *args: Any, **kwargs: Any) -> None:
+        """The extra arguments a caller gave the class's ``_decode`` (beyond ``z`` and ``return_dict``),
+        for the tiles that follow."""
 
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         """Raw decoder output for one tile (or the whole latent when ``tiled`` is False)."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaepar import plan
+from vaepar.errors import OptionError
 from vaepar.families.base import Family, ShardLeaves, Tick, no_tick
 
 if TYPE_CHECKING:
@@ -54,6 +55,13 @@ class KLFamily(Family):
         if tile is None:
             return plan.Grid(rows=plan.single(h, h // s), cols=plan.single(w, w // s))
         return plan.kl_encode_grid(h, w, tile=tile, overlap=overlap, scale=s)
+
+    @classmethod
+    def own_tiling(cls, vae: torch.nn.Module, spec: ModelSpec) -> tuple[int, float]:
+        size = vae.tile_sample_min_size
+        if vae.tile_latent_min_size != size // spec.scale:
+            raise OptionError("vaepar's tiled strategy needs tile_latent_min_size = tile_sample_min_size // scale")
+        return size, vae.tile_overlap_factor
 
     @classmethod
     def shard_leaves(cls) -> ShardLeaves:

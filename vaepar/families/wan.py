@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaepar import plan
+from vaepar.errors import OptionError
 from vaepar.families.base import Family, ShardLeaves, Tick, no_tick
 
 if TYPE_CHECKING:
@@ -75,6 +76,15 @@ class WanFamily(Family):
         return plan.Grid(rows=plan.tiled_axis(h, **ax, limit=h // s), cols=plan.tiled_axis(w, **ax, limit=w // s))
 
     @classmethod
+    def own_tiling(cls, vae: torch.nn.Module, spec: ModelSpec) -> tuple[int, float]:
+        """``tile_sample_min_height`` and the overlap whose ``int(size * (1 - overlap))`` is the stride."""
+        size, stride = vae.tile_sample_min_height, vae.tile_sample_stride_height
+        if (size, stride) != (vae.tile_sample_min_width, vae.tile_sample_stride_width):
+            raise OptionError("vaepar's tiled strategy needs square tiles: tile_sample_min_height/width and "
+                              "tile_sample_stride_height/width must be equal")
+        return size, 1 - (stride + 0.5) / size
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 
@@ -97,11 +107,15 @@ class WanFamily(Family):
             step = x[:, :, k : k + 1]
             if tiled:
                 step = vae.post_quant_conv(step)
-            frames.append(vae.decoder(step, feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                      first_chunk=(k == 0)))
+            frames.append(self._decode_step(step, k))
             tick(1)
         vae.clear_cache()
         return torch.cat(frames, dim=2)
+
+    def _decode_step(self, step: torch.Tensor, k: int) -> torch.Tensor:
+        """Latent frame ``k`` through the decoder and its time cache."""
+        vae = self.vae
+        return vae.decoder(step, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(k == 0))
 
     def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         """Causal in time: the first frame alone, then chunks of 4, through one cache."""
