@@ -142,3 +142,20 @@ def test_ltx2_latents_decode_as_the_pipeline_hands_them_over(family_models: dict
     with imageio.get_reader(tmp_path / "out.mp4") as reader:
         decoded = [frame for frame in reader]
     assert len(decoded) == 9 and decoded[0].shape == (64, 96, 3)
+
+
+@NEEDS_LTX2
+def test_ltx2_noise_injection_is_refused_for_shard(tmp_path: Path) -> None:
+    """A decoder that injects noise draws it per call and per band size: shard says so and stops."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    torch.manual_seed(6)
+    AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(8, 16, 32),
+                           layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                           decoder_inject_noise=(True, False, False, False), spatial_compression_ratio=32,
+                           temporal_compression_ratio=8).save_pretrained(tmp_path / "noisy")
+    src = save_latents(tmp_path / "z.safetensors", torch.randn(1, 8, 1, 3, 3))
+    out = cli("decode", str(src), "--model", str(tmp_path / "noisy"), "--out", str(tmp_path / "o.mp4"),
+              "--strategy", "shard", code=1)
+    assert "decoder_inject_noise" in out and "use --strategy tiled or patch" in out and "Traceback" not in out
+    assert not (tmp_path / "o.mp4").exists() and len(out.strip().splitlines()) == 1

@@ -62,6 +62,17 @@ def part_count(strategy: str, grid: plan.Grid, rows: int, world: int) -> int:
     return len(plan.bands(rows, world)) if strategy in BANDED else grid.count
 
 
+def check_shardable(family: Family) -> None:
+    """Refuse ``shard`` for a model that the wrappers cannot split exactly (the same on every rank:
+    it depends on the model alone), naming what stands in the way."""
+    problems = family.shard_refusals() + shard.unhandled(family.vae)
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise VaeparError(f"--strategy shard cannot split this {family.spec.class_name} exactly: "
+                          f"{'; '.join(problems[:3])}{more} not handled by vaepar's shard wrappers; "
+                          "use --strategy tiled or patch")
+
+
 def _no_tick(n: int) -> None:
     pass
 
@@ -76,6 +87,8 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
     Returns the result (None where it is not kept) and, for banded strategies, this rank's band
     statistics.
     """
+    if strategy == "shard":
+        check_shardable(family)
     tile_fn = family.decode_tile if task == "decode" else family.encode_tile
 
     def run_part(part: torch.Tensor) -> torch.Tensor:

@@ -389,6 +389,21 @@ class _ShardDownsample(_Wrapper):
         return self.down(x, *args, **kwargs) if _current is None else self.halo(x)
 
 
+def unhandled(model: nn.Module) -> list[str]:
+    """Modules outside every wrapper that mix rows (convolutions taller than one row or striding
+    over rows, GroupNorm): ``shard`` would compute them on bands without their neighbours' rows."""
+    wrapped = {id(m) for w in model.modules() if isinstance(w, _Wrapper) for m in w.modules()}
+    found = []
+    for name, m in model.named_modules():
+        if id(m) in wrapped:
+            continue
+        mixes = isinstance(m, nn.GroupNorm) or (isinstance(m, (nn.Conv2d, nn.Conv3d))
+                                                and (m.kernel_size[-2] > 1 or m.stride[-2] > 1))
+        if mixes:
+            found.append(f"{name} ({type(m).__name__})")
+    return found
+
+
 def original(wrapper: _Wrapper) -> nn.Module:
     """The module a wrapper stands in for."""
     return getattr(wrapper, wrapper.wraps)

@@ -126,6 +126,11 @@ class Family:
     def __init__(self, vae: torch.nn.Module, spec: ModelSpec) -> None:
         self.vae, self.spec = vae, spec
 
+    def shard_refusals(self) -> list[str]:
+        """What in this loaded model ``shard`` cannot reproduce exactly, beyond modules no wrapper
+        takes (which :func:`vaepar.shard.unhandled` finds)."""
+        return []
+
     def decode_arguments(self, *args: Any, **kwargs: Any) -> None:
         """The extra arguments a caller gave the class's ``_decode`` (beyond ``z`` and ``return_dict``),
         for the tiles that follow."""

@@ -99,6 +99,11 @@ class LTX2Family(WanFamily):
         self.temb: torch.Tensor | None = None
         self.causal: bool | None = None
 
+    def shard_refusals(self) -> list[str]:
+        """Decoder noise injection draws noise of each call's own size, so bands would differ."""
+        noisy = [name for name, m in self.vae.named_modules() if getattr(m, "per_channel_scale1", None) is not None]
+        return [f"{noisy[0]} (decoder_inject_noise: random noise of each call's size)"] if noisy else []
+
     def decode_arguments(self, temb: torch.Tensor | None = None, causal: bool | None = None,
                          return_dict: bool = True) -> None:
         """``vae.decode(z, temb, causal)``'s timestep and causality (vaepar's own runs: none)."""
