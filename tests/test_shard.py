@@ -6,8 +6,10 @@
   diffusers' own untiled ``vae.decode(z).sample`` / ``vae.encode(x).latent_dist.mode()`` up to
   float rounding: max |shard - untiled| <= 1e-4 * max(1, max |untiled|) in float32.
 * Units: halo convolutions and the GroupNorm statistics on bands in one process; in one 3-rank
-  launch, ``Context.exchange_rows``, the conv wrappers, ``ShardGroupNorm``, ``GatheredAttention``
-  and ``HaloCausalConv3d`` on bands of known tensors over real gloo traffic.
+  launch, ``Context.exchange_rows``, the conv wrappers, ``ShardGroupNorm`` (one collective per
+  norm; float32 and bfloat16 bands with wildly different statistics), ``QuerySplitAttention`` (one
+  K/V gather per layer, each rank's queries only), ``GatheredAttention`` and ``HaloCausalConv3d``
+  on bands of known tensors over real gloo traffic.
 * ``patch`` and ``tiled``: their error against untiled, measured; patch's falls as its margin grows
   and is zero once the margin covers the input.
 * ``shard.install`` is inert outside shard runs.
@@ -422,8 +424,8 @@ def test_halo_causal_conv3d_with_time_cache_on_bands() -> None:
 
 
 def test_group_norm_statistics_over_bands() -> None:
-    """group_moments summed over bands -> mean; centred_squares summed -> var; normalize: equals
-    nn.GroupNorm on the full tensor, with bands of very different means and scales."""
+    """band_moments of each band, merged -> global statistics; normalize: equals nn.GroupNorm on
+    the full tensor, with bands of very different means and scales."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 14, 5, generator=g)
     x[..., 1:6, :] += 100.0
@@ -432,23 +434,35 @@ def test_group_norm_statistics_over_bands() -> None:
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16, generator=g))
         norm.bias.copy_(torch.randn(16, generator=g))
-        parts = [x[..., a:b, :].float().reshape(2, 4, -1) for a, b in ROW_BANDS]
-        moments = [shard.group_moments(p) for p in parts]
-        count = sum(c for c, _ in moments)
-        mean = sum(t for _, t in moments) / count
-        var = sum(shard.centred_squares(p, mean) for p in parts) / count
-        got = torch.cat([shard.normalize(x[..., a:b, :], p, mean, var, norm)
-                         for (a, b), p in zip(ROW_BANDS, parts)], dim=-2)
+        parts = torch.stack([shard.band_moments(x[..., a:b, :], 4) for a, b in ROW_BANDS])
+        stats = shard.merge_moments(parts, dim=0)
+        got = torch.cat([shard.normalize(x[..., a:b, :], stats, norm) for a, b in ROW_BANDS], dim=-2)
         want = norm(x)
         exact = F.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
         local = torch.cat([norm(x[..., a:b, :]) for a, b in ROW_BANDS], dim=-2)  # per-band statistics
-    assert count[0, 0].item() == 4 * 14 * 5
+    assert parts.shape == (3, 2, 4, 3) and stats[0, 0, 0].item() == 4 * 14 * 5
     err, err64 = (got - want).abs().max().item(), (got.double() - exact).abs().max().item()
     print(f"  group norm on bands: vs nn.GroupNorm {err:.3e}, vs float64 {err64:.3e}, "
           f"nn.GroupNorm vs float64 {(want.double() - exact).abs().max().item():.3e}")
-    assert err <= 1e-4 * max(1.0, want.abs().max().item())
-    assert err64 <= 1e-4 * max(1.0, exact.abs().max().item())
+    assert err <= 1e-5 * max(1.0, want.abs().max().item())
+    assert err64 <= 1e-5 * max(1.0, exact.abs().max().item())
     assert (local - want).abs().max().item() > 0.5  # the test would see per-band statistics
+
+
+def test_band_moments_of_low_precision_input_in_pieces() -> None:
+    """bfloat16 bands: moments merged from float32 pieces equal float64 moments of the same values
+    (float32 rounding), and normalize returns bfloat16."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 8, 9, 7, generator=g) * 3 + 40).to(torch.bfloat16)
+    norm = nn.GroupNorm(2, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        got = shard.band_moments(x, 2)
+        xg = x.double().reshape(2, 2, -1)
+        mean = xg.mean(-1)
+        want = torch.stack([torch.full_like(mean, xg.shape[-1]), mean, (xg - mean[..., None]).square().sum(-1)], -1)
+        out = shard.normalize(x, got, norm)
+    assert got.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
 
 
 # -- 2. units over real gloo traffic: one 3-rank launch (the 3-worker integration launch) ---------
@@ -485,7 +499,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
     shard.install(wrapped)
     expected = {"conv k3": shard.HaloConv2d, "downsample2d": shard._ShardDownsample,
                 "wan resample": shard.HaloConv2d, "group norm": shard.ShardGroupNorm,
-                "kl attention": shard.GatheredAttention, "wan attention": shard.GatheredAttention,
+                "kl attention": shard.QuerySplitAttention, "wan attention": shard.GatheredAttention,
                 "causal conv3d": shard.HaloCausalConv3d}
     assert all(isinstance(wrapped[k], t) for k, t in expected.items())
 
@@ -522,10 +536,88 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
         check("(local kl attention)", originals["kl attention"](x4[..., a:b, :]),
               originals["kl attention"](x4)[..., a:b, :])
     errs["(gathers, reductions)"] = (float(ctx.gathers), float(ctx.reductions))
+    errs |= norm_probes(shard.Context(comm=comm, index=comm.rank, active=comm.world), a, b)
+    errs |= attention_probes(shard.Context(comm=comm, index=comm.rank, active=comm.world), a, b)
     every = comm.gather_all(errs)
     if comm.rank != 0:
         return None
     return {k: (max(e[k][0] for e in every), max(e[k][1] for e in every)) for k in errs}
+
+
+def wild_bands(g: torch.Generator) -> torch.Tensor:
+    """(2, 16, 14, 6) whose EVEN_BANDS differ wildly: ~1e3 with a tiny spread, ~N(0, 1), ~-50 +- 1e-2."""
+    x = torch.randn(2, 16, 14, 6, generator=g)
+    x[..., :6, :] = 1e3 + 1e-3 * x[..., :6, :]
+    x[..., 8:, :] = -50.0 + 1e-2 * x[..., 8:, :]
+    return x
+
+
+def norm_probes(ctx: shard.Context, a: int, b: int) -> dict[str, tuple[float, float]]:
+    """ShardGroupNorm on :func:`wild_bands` in float32 and bfloat16 against F.group_norm in float32
+    on the whole tensor (bfloat16: then cast), and its collectives."""
+    g = torch.Generator().manual_seed(11)
+    x, norm = wild_bands(g), nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g) * 0.5 + 1.0)
+        norm.bias.copy_(torch.randn(16, generator=g) * 0.5)
+    errs: dict[str, tuple[float, float]] = {}
+    wrong_dtype = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        n, xd = copy.deepcopy(norm).to(dtype), x.to(dtype)
+        with torch.no_grad():
+            want = F.group_norm(xd.float(), 4, n.weight.float(), n.bias.float(), n.eps)[..., a:b, :].to(dtype)
+            with shard.sharding(ctx):
+                got = shard.ShardGroupNorm(n)(xd[..., a:b, :])
+        wrong_dtype += got.dtype != dtype
+        diff, ref = (got.float() - want.float()).abs(), want.float().abs()
+        errs[f"(wild group norm {str(dtype)[6:]})"] = (diff.max().item(), ref.max().item())
+        if dtype == torch.bfloat16:  # one bfloat16 rounding of a float32-exact value, at most
+            bound = 2.0**-7 * ref + 1e-5 * max(1.0, ref.max().item())
+            errs["(wild group norm bfloat16 / bf16 rounding)"] = ((diff / bound).max().item(), 1.0)
+    errs["(group norm calls, collectives)"] = (2.0, float(ctx.reductions))
+    errs["(group norm wrong dtypes)"] = (float(wrong_dtype), 0.0)
+    return errs
+
+
+def attention_probes(ctx: shard.Context, a: int, b: int) -> dict[str, tuple[float, float]]:
+    """diffusers' Attention as the KL mid block builds it (8 channels, 4 groups), 1 and 2 heads,
+    both processors, query-split on bands against the whole block; its collectives and each SDPA's
+    query and key lengths; and a processor it does not know, which falls back to gathering."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    class Unchecked(AttnProcessor2_0):
+        pass
+
+    g = torch.Generator().manual_seed(12)
+    errs: dict[str, tuple[float, float]] = {}
+    shapes: list[tuple[int, int]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, **kwargs)
+
+    for heads, processor in ((1, AttnProcessor2_0), (2, AttnProcessor2_0), (2, AttnProcessor), (2, Unchecked)):
+        torch.manual_seed(heads)
+        attn = Attention(8, heads=heads, dim_head=8 // heads, norm_num_groups=4, eps=1e-6, residual_connection=True,
+                         bias=True, upcast_softmax=True, _from_deprecated_attn_block=True, processor=processor())
+        x = torch.randn(2, 8, 14, 6, generator=g) * 2
+        x[..., 8:, :] += 3.0
+        holder = nn.ModuleDict({"attn": attn})
+        shard.install(holder)
+        assert isinstance(holder["attn"], shard.QuerySplitAttention)
+        name = f"split attention {heads} heads {processor.__name__}"
+        before = (ctx.gathers, ctx.reductions)
+        with torch.no_grad():
+            want = attn(x)[..., a:b, :]
+            with mock.patch.object(F, "scaled_dot_product_attention", spy), shard.sharding(ctx):
+                got = holder["attn"](x[..., a:b, :])
+        errs[name] = ((got - want).abs().max().item(), want.abs().max().item())
+        errs[f"({name}: gathers, reductions)"] = (float(ctx.gathers - before[0]), float(ctx.reductions - before[1]))
+    split, gathered = shapes[:2], shapes[2:]  # AttnProcessor computes its own scores
+    off = sum(s != ((b - a) * 6, 14 * 6) for s in split) + sum(s != (14 * 6, 14 * 6) for s in gathered)
+    errs["(sdpa calls, with lengths off)"] = (float(len(shapes)), float(off))
+    return errs
 
 
 def test_distributed_pieces_on_three_ranks(launched: Callable[[int], dict[str, Any]]) -> None:
@@ -538,7 +630,20 @@ def test_distributed_pieces_on_three_ranks(launched: Callable[[int], dict[str, A
         elif not name.startswith("("):
             assert err <= 1e-4 * max(1.0, scale), name
     assert probes["(local group norm)"][0] > 1.0 and probes["(local kl attention)"][0] > 1e-2
-    assert probes["(gathers, reductions)"] == (2.0, 3.0)  # two attention blocks; 3 all-reduces per norm
+    assert probes["(gathers, reductions)"] == (2.0, 2.0)  # 1 per norm; KL attention: 1 gather + its norm's
+
+    # The one-collective GroupNorm on wildly different bands, and the query-split attention.
+    assert probes["(group norm calls, collectives)"] == (2.0, 2.0)
+    assert probes["(group norm wrong dtypes)"] == (0.0, 0.0)
+    err, scale = probes["(wild group norm float32)"]
+    assert err <= 1e-5 * max(1.0, scale)
+    assert probes["(wild group norm bfloat16 / bf16 rounding)"][0] <= 1.0
+    for name, (err, scale) in probes.items():
+        if name.startswith("split attention"):
+            assert err <= 1e-5 * max(1.0, scale), name
+            counts = (1.0, 0.0) if "Unchecked" in name else (1.0, 1.0)  # the fallback gathers rows
+            assert probes[f"({name}: gathers, reductions)"] == counts, name
+    assert probes["(sdpa calls, with lengths off)"] == (3.0, 0.0)
 
 
 # -- 3. patch and tiled: measured against untiled -----------------------------------------------

@@ -2,9 +2,11 @@
 
 ``shard`` makes every layer see what it would see untiled: :func:`install` swaps the loaded
 diffusers model's convolutions, GroupNorms and attention blocks for wrappers that, inside
-:func:`sharding`, exchange halo rows with the neighbouring bands, reduce GroupNorm statistics over
-all bands, and run attention over the gathered bands. Outside :func:`sharding` each wrapper calls
-the module it wraps, so the same model still runs untiled (and tiled) bit for bit as before.
+:func:`sharding`, exchange halo rows with the neighbouring bands, merge GroupNorm statistics over
+all bands (one collective per norm), and run attention with each band's queries over every band's
+keys and values (diffusers' ``Attention``) or over the gathered bands (other attention blocks).
+Outside :func:`sharding` each wrapper calls the module it wraps, so the same model still runs
+untiled (and tiled) bit for bit as before.
 
 ``patch`` runs the plain model on each band plus a margin of ``halo`` rows and keeps the core: no
 communication while decoding, at the price of seams where the margin is too small.
@@ -78,6 +80,13 @@ class Context:
         dist.all_reduce(t, group=self.group)
         self.reductions += 1
         return t
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """Every active rank's ``t`` stacked in rank order, (active, *t.shape), on every rank: one
+        all-reduce of slots each rank fills with its own ``t`` (exact: the other slots are zero)."""
+        slots = t.new_zeros((self.active, *t.shape))
+        slots[self.index] = t
+        return self.all_reduce(slots)
 
     def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """All bands concatenated along dim -2 on every active rank, and where this band starts."""
@@ -265,7 +274,7 @@ def edge_rows(x: torch.Tensor, n: int, mode: str, *, at_top: bool) -> torch.Tens
 
 
 class ShardGroupNorm(_Wrapper):
-    """GroupNorm with statistics over all bands: mean first, then the centred sum of squares."""
+    """GroupNorm with statistics over all bands, shared in one collective: :func:`group_norm`."""
 
     wraps = "norm"
 
@@ -276,39 +285,71 @@ class ShardGroupNorm(_Wrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _current is None:
             return self.norm(x)
-        xf = x.float().reshape(x.shape[0], self.norm.num_groups, -1)
-        count, total = group_moments(xf)
-        mean = _current.all_reduce(total) / _current.all_reduce(count)
-        var = _current.all_reduce(centred_squares(xf, mean)) / count
-        return normalize(x, xf, mean, var, self.norm)
+        return group_norm(x, self.norm, _current)
 
 
-def group_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (batch, group): element count and sum of a band, in float32. ``xf``: (B, G, n)."""
-    count = torch.full(xf.shape[:2], float(xf.shape[-1]), device=xf.device)
-    return count, xf.sum(dim=-1)
+PIECES = 8
+"""Low-precision bands are reduced and normalised in this many pieces, so float32 temporaries stay a fraction
+of the band."""
 
 
-def centred_squares(xf: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Per (batch, group): sum of squared deviations from the global ``mean``, one group at a time
-    so the temporary is 1/G of the band."""
-    out = torch.empty_like(mean)
-    for g in range(xf.shape[1]):
-        out[:, g] = (xf[:, g] - mean[:, g, None]).square().sum(dim=-1)
-    return out
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm, ctx: Context) -> torch.Tensor:
+    """``norm`` on this band with the statistics of all bands: every rank's per-group moments are
+    shared in one collective and merged in rank order (the same result on every rank)."""
+    stats = merge_moments(ctx.share(band_moments(x, norm.num_groups)), dim=0)
+    return normalize(x, stats, norm)
 
 
-def normalize(x: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-              norm: nn.GroupNorm) -> torch.Tensor:
-    """Normalise with global (biased) statistics and apply the norm's affine transform, folded into
-    one per-channel scale and shift: a single output tensor, like the fused GroupNorm kernel."""
+def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per (batch, group) of a band: [element count, mean, sum of squared deviations from that
+    mean], shape (B, G, 3), accumulated in float32 (or ``x``'s dtype if wider). Low-precision input
+    goes in pieces along each group's elements, each cast to float32 and merged."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xg = x.reshape(x.shape[0], groups, -1)
+    if x.dtype == acc:
+        return _moments(xg)
+    pieces = xg.tensor_split(min(PIECES, xg.shape[-1]), dim=-1)
+    return merge_moments(torch.stack([_moments(p.to(acc)) for p in pieces]), dim=0)
+
+
+def _moments(xg: torch.Tensor) -> torch.Tensor:
+    """[count, mean, M2] over the last dim of ``xg`` (B, G, n): one pass, no temporary."""
+    var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    n = xg.shape[-1]
+    return torch.stack([torch.full_like(mean, n), mean, var * n], dim=-1)
+
+
+def merge_moments(stats: torch.Tensor, dim: int) -> torch.Tensor:
+    """The [count, mean, M2] of parts stacked along ``dim`` merged into those of their union (Chan
+    et al.'s parallel formula): M2 = sum of the parts' M2 + sum of n_i (mean_i - mean)^2."""
+    n, mean, m2 = stats.unbind(-1)
+    total = n.sum(dim)
+    merged = (n * mean).sum(dim) / total
+    spread = (n * (mean - merged.unsqueeze(dim)).square()).sum(dim)
+    return torch.stack([total, merged, m2.sum(dim) + spread], dim=-1)
+
+
+def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """Normalise with the merged (biased) statistics ``stats`` (B, G, 3) and apply the norm's
+    affine transform, folded into one per-channel scale and shift: a single output tensor of
+    ``x``'s dtype, like the fused GroupNorm kernel (low precision: computed in float32 pieces)."""
     b, c = x.shape[:2]
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(c // norm.num_groups, dim=1)  # (B, C)
-    shift = -mean.repeat_interleave(c // norm.num_groups, dim=1) * scale
+    n, mean, m2 = stats.unbind(-1)
+    per = c // norm.num_groups
+    scale = torch.rsqrt(m2 / n + norm.eps).repeat_interleave(per, dim=1)  # (B, C)
+    shift = -mean.repeat_interleave(per, dim=1) * scale
     if norm.affine:
-        scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
-    view = (b, c) + (1,) * (x.ndim - 2)
-    return torch.addcmul(shift.view(view), xf.view(x.shape), scale.view(view)).to(x.dtype)
+        weight = norm.weight.to(scale.dtype)
+        scale, shift = scale * weight, shift * weight + norm.bias.to(scale.dtype)
+    scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)
+    xc = x.reshape(b, c, -1)
+    if x.dtype == scale.dtype:
+        return torch.addcmul(shift, xc, scale).reshape(x.shape)
+    out = torch.empty_like(xc)
+    pieces = min(PIECES, xc.shape[-1])
+    for src, dst in zip(xc.tensor_split(pieces, dim=-1), out.tensor_split(pieces, dim=-1)):
+        dst.copy_(torch.addcmul(shift, src.to(scale.dtype), scale))
+    return out.reshape(x.shape)
 
 
 class GatheredAttention(_Wrapper):
@@ -325,6 +366,66 @@ class GatheredAttention(_Wrapper):
             return self.block(x, *args, **kwargs)
         full, start = _current.gather_rows(x)
         return self.block(full, *args, **kwargs)[..., start : start + x.shape[-2], :]
+
+
+class QuerySplitAttention(GatheredAttention):
+    """diffusers' ``Attention`` as the KL decoders use it, split by queries: :func:`split_attention`.
+    A configuration it does not reproduce (:func:`splittable` false) runs as
+    :class:`GatheredAttention`."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if _current is None or args or not splittable(self.block, x, kwargs):
+            return super().forward(x, *args, **kwargs)
+        return split_attention(self.block, x, _current)
+
+
+def splittable(attn: nn.Module, x: torch.Tensor, kwargs: dict[str, object]) -> bool:
+    """Whether ``attn(x, **kwargs)`` is the self-attention :func:`split_attention` reproduces:
+    4-D input, no mask, context or spatial norm, no q/k norms, an optional plain GroupNorm, and
+    processor ``AttnProcessor2_0`` or ``AttnProcessor`` (exactly those classes)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    known = {"encoder_hidden_states", "attention_mask", "temb"}
+    return (x.ndim == 4 and set(kwargs) <= known and all(v is None for v in kwargs.values())
+            and type(attn.processor) in (AttnProcessor, AttnProcessor2_0)
+            and attn.spatial_norm is None and not attn.is_cross_attention and attn.added_kv_proj_dim is None
+            and attn.norm_q is None and attn.norm_k is None
+            and (attn.group_norm is None or type(attn.group_norm) is nn.GroupNorm)
+            and attn.to_q.in_features == attn.to_k.in_features == x.shape[1])
+
+
+def split_attention(attn: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The attention processor's arithmetic on this band's queries: GroupNorm with all bands'
+    statistics, q, k, v of this band's rows, every band's keys and values gathered once, attention
+    of this band's queries over all of them, output projection and residual on this band."""
+    b, c, h, w = x.shape
+    hidden = x.reshape(b, c, h * w)
+    if attn.group_norm is not None:
+        hidden = group_norm(hidden, attn.group_norm, ctx)
+    hidden = hidden.transpose(1, 2)
+    query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+    kv, _ = ctx.gather_rows(torch.cat([key, value], dim=-1))  # (B, all tokens, k + v features)
+    key, value = kv.split([key.shape[-1], value.shape[-1]], dim=-1)
+    out = attn.to_out[1](attn.to_out[0](_attend(attn, query, key, value)))
+    out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
+
+
+def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Heads as the processor splits them; scaled-dot-product attention (``AttnProcessor2_0``) or
+    diffusers' own scores and softmax (``AttnProcessor``)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if type(attn.processor) is not AttnProcessor2_0:
+        q, k, v = (attn.head_to_batch_dim(t) for t in (query, key, value))
+        return attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k, None), v))
+    b, heads = query.shape[0], attn.heads
+    head_dim = key.shape[-1] // heads
+    q, k, v = (t.reshape(b, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
 
 
 def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
@@ -352,7 +453,7 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
     from diffusers.models.downsampling import Downsample2D
 
     if isinstance(m, leaves.attention):
-        return GatheredAttention(m)
+        return QuerySplitAttention(m) if _is_diffusers_attention(m) else GatheredAttention(m)
     if isinstance(m, leaves.causal_convs):
         return HaloCausalConv3d(m)
     if isinstance(m, leaves.padded_convs):
@@ -368,6 +469,12 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
     if isinstance(m, nn.Conv2d) and m.stride[0] == 1 and isinstance(m.padding, tuple) and m.kernel_size[0] > 1:
         return HaloConv2d(m, (m.padding[0], m.kernel_size[0] - 1 - m.padding[0]), inner=m)
     return None
+
+
+def _is_diffusers_attention(m: nn.Module) -> bool:
+    from diffusers.models.attention_processor import Attention
+
+    return isinstance(m, Attention)
 
 
 def _is_pad_then_stride2(m: nn.Module) -> bool:
@@ -490,7 +597,8 @@ def _share_bands(out: torch.Tensor | None, rows: list[int], comm: Comm) -> torch
     """Every rank receives every band's output rows: one broadcast per band, nothing padded."""
     lead, width, dtype = comm.broadcast_object((tuple(out.shape[:-2]), out.shape[-1], out.dtype)
                                                if comm.rank == 0 and out is not None else None)
-    parts = [out if r == comm.rank and out is not None
+    # contiguous: a broadcast moves memory in storage order (a channels-last band would arrive scrambled)
+    parts = [out.contiguous() if r == comm.rank and out is not None
              else torch.empty((*lead, n, width), dtype=dtype, device=comm.device) for r, n in enumerate(rows)]
     for r, part in enumerate(parts):
         comm.broadcast_from(r, part)

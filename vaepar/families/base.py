@@ -23,7 +23,9 @@ class ShardLeaves:
     generic ones (``nn.Conv2d``, ``nn.GroupNorm``, diffusers' ``Downsample2D``)."""
 
     attention: tuple[type, ...] = ()
-    """Attention blocks over all rows: each rank runs them on the gathered rows, keeps its band."""
+    """Attention blocks over all rows: diffusers' ``Attention`` is split by queries (each rank
+    attends with its band's queries over all bands' keys and values); any other block runs on the
+    gathered rows on each rank, which keeps its band."""
     causal_convs: tuple[type, ...] = ()
     """Causal 3-D convolutions with a time cache (Wan's ``WanCausalConv3d`` interface)."""
     padded_convs: tuple[type, ...] = ()
