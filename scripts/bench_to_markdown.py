@@ -22,7 +22,8 @@ def _seconds(v: float | None) -> str:
 
 def measured(doc: dict) -> str:
     lines = [f"{doc['model']}, {doc['task']} of latents {doc['latent_shape']}, {doc['dtype']}, "
-             f"median of {doc['repeats']} after {doc['warmup']} warm-up, on {doc['device']}", "",
+             f"median of {doc['repeats']} after {doc['warmup']} warm-up, on {doc['device']}"
+             + (f", {doc['threads_per_worker']} thread(s) per worker" if doc.get("threads_per_worker") else ""), "",
              "| strategy | workers | median s | peak mem / rank | speedup | efficiency | max abs err | work |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:

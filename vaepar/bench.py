@@ -105,7 +105,8 @@ def measure(bench: BenchConfig) -> dict[str, Any]:
 
 
 def _for(cfg: worker.WorkerConfig, nproc: int) -> worker.WorkerConfig:
-    threads = launch.default_threads(nproc) if cfg.device == "cpu" else None
+    """The configuration for ``nproc`` workers: the given CPU threads per worker, else cores // workers."""
+    threads = (cfg.threads or launch.default_threads(nproc)) if cfg.device == "cpu" else None
     return replace(cfg, threads=threads, show_progress=False)
 
 
@@ -148,7 +149,8 @@ def _document(bench: BenchConfig, results: list[worker.BenchResult], ref_note: s
         notes.append("random weights: timing does not depend on the weights")
     return {"device": device_name(bench.cfg.device), "model": spec.name, "task": bench.task,
             "latent_shape": list(bench.latent_shape), "input_shape": list(bench.shape),
-            "dtype": bench.cfg.dtype, "repeats": bench.repeats, "warmup": bench.warmup, "runs": runs,
+            "dtype": bench.cfg.dtype, "repeats": bench.repeats, "warmup": bench.warmup,
+            "threads_per_worker": bench.cfg.threads if bench.cfg.device == "cpu" else None, "runs": runs,
             "notes": notes}
 
 

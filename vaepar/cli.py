@@ -435,7 +435,7 @@ def _resolution(text: str) -> tuple[int, int]:
 def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames: int | None, batch: int,
            nproc: str | None, gpus: str | None, device: str | None, strategies: str, repeats: int, warmup: int,
            task: str, dtype: str | None, tile_size: int | None, tile_overlap: float | None, halo: int | None,
-           json_path: Path | None, show_plan: bool) -> None:
+           json_path: Path | None, show_plan: bool, threads: int | None) -> None:
     from vaepar import bench, report
     from vaepar.vae import architecture
 
@@ -453,7 +453,7 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
                                 nnodes=1, node_rank=0, rdzv_endpoint=None))
     device = device or ("cuda" if not show_plan and __import__("torch").cuda.is_available() else "cpu")
     cfg = worker.WorkerConfig(model=spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
-                              tile_size=tile_size, show_progress=False,
+                              tile_size=tile_size, show_progress=False, threads=threads,
                               **_given(tile_overlap=tile_overlap, halo=halo))
     b = bench.BenchConfig(cfg=cfg, task=task, shape=bench.input_shape(spec, task, _resolution(resolution), frames, batch),
                           counts=counts, strategies=tuple(v.strip() for v in strategies.split(",") if v.strip()),
@@ -491,6 +491,7 @@ def bench(
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
     halo: Halo = None,
+    threads: Threads = None,
     json_path: JsonPath = None,
     show_plan: Annotated[bool, typer.Option("--plan", help=(
         "Compute nothing: predict imbalance, work, bytes sent and activation memory per rank for any "
@@ -501,7 +502,7 @@ def bench(
     _guarded(_bench, model=model, subfolder=subfolder, resolution=resolution, frames=frames, batch=batch,
              nproc=nproc, gpus=gpus, device=device, strategies=strategies, repeats=repeats, warmup=warmup,
              task=task, dtype=dtype, tile_size=tile_size, tile_overlap=tile_overlap, halo=halo,
-             json_path=json_path, show_plan=show_plan, debug=debug)
+             json_path=json_path, show_plan=show_plan, threads=threads, debug=debug)
 
 
 def _serve(*, model: str, subfolder: str | None, run: Run, http: Any, token_file: Path | None,

@@ -454,10 +454,10 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
 
     if isinstance(m, leaves.attention):
         return QuerySplitAttention(m) if _is_diffusers_attention(m) else GatheredAttention(m)
-    if isinstance(m, leaves.causal_convs):
-        return HaloCausalConv3d(m)
+    if isinstance(m, leaves.causal_convs):  # 1x1x1: no padding, so no exchange and no buffer
+        return HaloCausalConv3d(m) if any(m._padding) else None
     if isinstance(m, leaves.padded_convs):
-        return HaloPaddedConv3d(m)
+        return HaloPaddedConv3d(m) if any(m.time_causal_padding) else None
     if isinstance(m, leaves.edge_frame_convs):
         return HaloEdgeFrameConv3d(m)
     if isinstance(m, nn.GroupNorm):
