@@ -51,8 +51,9 @@ class Server:
     def health(self) -> dict[str, Any]:
         return requests.get(f"{self.url}/health", timeout=10).json()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60, *, signalled: bool = False) -> int:
+        """Signal the server (unless the test already did: a second SIGTERM forces it) and wait for it."""
+        if self.proc.poll() is None and not signalled:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
@@ -394,6 +395,7 @@ def test_idle_server_outlives_the_collective_timeout_and_recovers_from_killed_wo
     killed mid-request fails that request with 503 within seconds, the group restarts, and requests
     succeed again within 60 s; SIGTERM exits 0 with no worker left."""
     server = start_server(models["kl4"], tmp_path / "serve.log", env={"VAEPAR_COLLECTIVE_TIMEOUT_S": "4"})
+    sigterm = False
     try:
         url, z = server.url + "/decode", latents(1, 4, 8, 8)
         ref = quiet_client(remote_decode, url, z, do_scaling=False, output_type="pt", return_type="pt")
@@ -434,10 +436,11 @@ def test_idle_server_outlives_the_collective_timeout_and_recovers_from_killed_wo
         while not server.health()["in_flight"]:
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
+        sigterm = True
         slow.join(timeout=60)
         assert answer and answer[0].status_code == 200 and json.loads(answer[0].headers["shape"]) == [1, 3, 512, 512]
     finally:
-        code = server.stop()
+        code = server.stop(signalled=sigterm)
     assert code == 0, server.log.read_text()
     time.sleep(0.5)
     for pid in [*first, *health["pids"]]:
