@@ -164,31 +164,17 @@ class RankRun:
 
 
 @torch.inference_mode()
-def timed_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings, comm: Comm) -> RankRun:
-    """``warmup + repeats`` decodes between barriers; the timed ones' seconds and peak RSS."""
+def timed_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings, comm: Comm | None) -> RankRun:
+    """``warmup + repeats`` decodes (between barriers of ``comm``; alone when None): the timed
+    ones' seconds and peak RSS."""
+    sync = comm.barrier if comm is not None else (lambda: None)
     meter, run = MemoryMeter(torch.device("cpu")), RankRun()
     for i in range(settings.warmup + settings.repeats):
-        comm.barrier()
+        sync()
         meter.start()
         t0 = time.perf_counter()
         out = vae.decode(z).sample
-        comm.barrier()
-        seconds = time.perf_counter() - t0
-        if i >= settings.warmup:
-            run.times.append(seconds)
-            run.peak = max(run.peak, meter.peak())
-        run.output = out
-    return run
-
-
-@torch.inference_mode()
-def solo_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings) -> RankRun:
-    """The same loop on one process, with no group (the untiled reference on rank 0)."""
-    meter, run = MemoryMeter(torch.device("cpu")), RankRun()
-    for i in range(settings.warmup + settings.repeats):
-        meter.start()
-        t0 = time.perf_counter()
-        out = vae.decode(z).sample
+        sync()
         seconds = time.perf_counter() - t0
         if i >= settings.warmup:
             run.times.append(seconds)
@@ -205,7 +191,7 @@ def run_method(method: str, z: torch.Tensor, settings: Settings, comm: Comm) -> 
     try:
         vae = PREPARE[method](fresh_vae(), settings)
         if method == "untiled":
-            return solo_decodes(vae, z, settings)
+            return timed_decodes(vae, z, settings, None)
         return timed_decodes(vae, z, settings, comm)
     except Exception as exc:  # noqa: BLE001 - a peer's failure is reported, not fatal
         return RankRun(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
