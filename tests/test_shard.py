@@ -348,6 +348,9 @@ class BandSim:
         padded = self.exchange_rows(x, top, bottom)
         return padded[..., :top, :], padded[..., padded.shape[-2] - bottom :, :]
 
+    def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> shard.Posted:
+        return shard.Posted(lambda: None, self.halos(x, top, bottom))
+
 
 CONV_CASES = ("k1_s1", "k3_s1", "k1_s2", "k3_s2_pad1", "k3_s2_downsample", "k3_s2_wan_resample")
 ROW_BANDS = [(0, 1), (1, 6), (6, 14)]   # 14 rows, uneven, one band a single row
@@ -423,20 +426,28 @@ def test_halo_causal_conv3d_with_time_cache_on_bands() -> None:
             assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-def test_group_norm_statistics_over_bands() -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("chunk", [shard.CHUNK, 7])
+def test_group_norm_statistics_over_bands(layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """band_moments of each band, merged -> global statistics; normalize: equals nn.GroupNorm on
-    the full tensor, with bands of very different means and scales."""
+    the full tensor, with bands of very different means and scales; in both memory layouts (the
+    output keeps the band's), whole or in pieces of 7 elements (merged as the parts of bands are)."""
+    monkeypatch.setattr(shard, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 14, 5, generator=g)
     x[..., 1:6, :] += 100.0
     x[..., 6:, :] *= 3.0
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     norm = nn.GroupNorm(4, 16)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16, generator=g))
         norm.bias.copy_(torch.randn(16, generator=g))
-        parts = torch.stack([shard.band_moments(x[..., a:b, :], 4) for a, b in ROW_BANDS])
+        bands = [x[..., a:b, :].contiguous(memory_format=fmt) for a, b in ROW_BANDS]
+        parts = torch.stack([shard.band_moments(band, 4) for band in bands])
         stats = shard.merge_moments(parts, dim=0)
-        got = torch.cat([shard.normalize(x[..., a:b, :], stats, norm) for a, b in ROW_BANDS], dim=-2)
+        outs = [shard.normalize(band, stats, norm) for band in bands]
+        assert all(o.is_contiguous(memory_format=fmt) for o in outs)
+        got = torch.cat(outs, dim=-2)
         want = norm(x)
         exact = F.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
         local = torch.cat([norm(x[..., a:b, :]) for a, b in ROW_BANDS], dim=-2)  # per-band statistics
@@ -449,11 +460,15 @@ def test_group_norm_statistics_over_bands() -> None:
     assert (local - want).abs().max().item() > 0.5  # the test would see per-band statistics
 
 
-def test_band_moments_of_low_precision_input_in_pieces() -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_band_moments_of_low_precision_input_in_pieces(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 bands: moments merged from float32 pieces equal float64 moments of the same values
     (float32 rounding), and normalize returns bfloat16."""
+    monkeypatch.setattr(shard, "CHUNK", 40)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 8, 9, 7, generator=g) * 3 + 40).to(torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     norm = nn.GroupNorm(2, 8).to(torch.bfloat16)
     with torch.no_grad():
         got = shard.band_moments(x, 2)

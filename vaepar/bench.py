@@ -162,13 +162,14 @@ class _Counting(shard.Context):
 
     __slots__ = ("scale_rows",)
 
-    def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> shard.Posted:
         row = x[..., :1, :].numel() * x.element_size()
-        sent = (bottom if self.index > 0 else 0) + (top if self.index < self.active - 1 else 0)
+        sent = ((bottom if self.index > 0 else 0) + (top if self.index < self.active - 1 else 0)) * row
         self.exchanges += 1
-        self.bytes_sent += sent * row
-        return (x.new_zeros((*x.shape[:-2], top, x.shape[-1])),
-                x.new_zeros((*x.shape[:-2], bottom, x.shape[-1])))
+        self.bytes_sent += sent
+        self.bytes_overlapped += sent if overlapped else 0
+        rows = (x.new_zeros((*x.shape[:-2], top, x.shape[-1])), x.new_zeros((*x.shape[:-2], bottom, x.shape[-1])))
+        return shard.Posted(lambda: None, rows)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self.reductions += 1

@@ -8,6 +8,7 @@ point: all ranks make it, in the same order.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -85,11 +86,24 @@ class Comm:
 
     def exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
         """Point-to-point transfers posted together; both sides must list matching pairs in order."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.peer(p), self.group) for p, t in sends]
+        self.post(sends, recvs)()
+
+    def post(self, sends: list[tuple[int, torch.Tensor]],
+             recvs: list[tuple[int, torch.Tensor]]) -> Callable[[], None]:
+        """:meth:`exchange` started without waiting: returns the wait. Until it is called, the
+        transfers run beside whatever the caller computes (on CUDA, NCCL's own stream; the wait
+        makes the current stream wait for it) and the receive buffers must not be read."""
+        outgoing = [t.contiguous() for _, t in sends]  # held until the wait: the sends read them
+        ops = [dist.P2POp(dist.isend, t, self.peer(p), self.group) for (p, _), t in zip(sends, outgoing)]
         ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group) for p, t in recvs]
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def wait() -> None:
+            for work in works:
+                work.wait()
+            outgoing.clear()
+
+        return wait
 
     def broadcast(self, tensor: torch.Tensor | None) -> torch.Tensor:
         """Rank 0's tensor on every rank (on this rank's device)."""

@@ -39,12 +39,14 @@ class Context:
     group: object = None
     exchanges: int = 0
     bytes_sent: int = 0
+    bytes_overlapped: int = 0
     reductions: int = 0
     gathers: int = 0
 
-    def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``top`` rows of the band above and the ``bottom`` rows of the band below; zeros where
-        there is no neighbour."""
+    def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> Posted:
+        """Start sending this band's edge rows and receiving the ``top`` rows of the band above and
+        the ``bottom`` rows of the band below (zeros where there is no neighbour); the rows are
+        there once :meth:`Posted.wait` returns. ``overlapped``: the caller computes meanwhile."""
         assert x.shape[-2] >= max(top, bottom), "a band is thinner than a convolution's halo"
         above = x.new_zeros((*x.shape[:-2], top, x.shape[-1]))
         below = x.new_zeros((*x.shape[:-2], bottom, x.shape[-1]))
@@ -55,10 +57,15 @@ class Context:
         if self.index < self.active - 1:
             recvs += [(self.index + 1, below)] if bottom else []
             sends += [(self.index + 1, x[..., x.shape[-2] - top :, :])] if top else []
-        self.comm.exchange(sends, recvs)
+        sent = sum(t.numel() * t.element_size() for _, t in sends)
         self.exchanges += 1
-        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
-        return above, below
+        self.bytes_sent += sent
+        self.bytes_overlapped += sent if overlapped else 0
+        return Posted(self.comm.post(sends, recvs), (above, below))
+
+    def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`post_halos`, waited for at once."""
+        return self.post_halos(x, top, bottom, overlapped=False).wait()
 
     def exchange_rows(self, x: torch.Tensor, top: int, bottom: int, mode: str = "zeros") -> torch.Tensor:
         """``x`` with ``top`` rows of the band above and ``bottom`` rows of the band below (dim -2);
@@ -100,6 +107,18 @@ class Context:
         self.gathers += 1
         full = torch.cat([p[..., :n, :] for p, n in zip(parts, sizes)], dim=-2)
         return full, sum(sizes[: self.index])
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """Halo rows on their way: ``wait`` returns (above, below) once they have arrived."""
+
+    pending: Callable[[], None]
+    rows: tuple[torch.Tensor, torch.Tensor]
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.pending()
+        return self.rows
 
 
 _current: Context | None = None
@@ -162,12 +181,13 @@ class HaloConv2d(_Wrapper):
                 and c.padding_mode == "zeros" and c.stride == (1, 1) and c.dilation == (1, 1))
 
     def _patched(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve the band with zero padding, then redo the ``p`` rows at each end with the
-        neighbours' rows: no padded copy of the band, so a rank holds about 1/N of the untiled
-        layer's memory."""
+        """Convolve the band with zero padding while its neighbours' rows travel, then redo the
+        ``p`` rows at each end with them: the exchange hides behind the band's interior, and no
+        padded copy of the band is made (a rank holds about 1/N of the untiled layer's memory)."""
         c, p, k = self.conv, self.pad[0], self.conv.kernel_size[0]
-        above, below = _current.halos(x, p, p)
+        posted = _current.post_halos(x, p, p)
         out = c(x)
+        above, below = posted.wait()
         edge = (0, c.padding[1])
         out[..., :p, :] = F.conv2d(torch.cat([above, x[..., : k - 1, :]], dim=-2), c.weight, c.bias, 1, edge)
         out[..., -p:, :] = F.conv2d(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2),
@@ -288,9 +308,15 @@ class ShardGroupNorm(_Wrapper):
         return group_norm(x, self.norm, _current)
 
 
+CHUNK = 1 << 18
+"""Elements per piece of a band that GroupNorm statistics are taken over on the CPU: two passes
+over a piece that stays in cache (mean, then squared deviations) beat torch's one-pass Welford
+reduction several times over. Low-precision pieces are cast to float32 one at a time, so a
+bfloat16 band is never copied whole."""
+
 PIECES = 8
-"""Low-precision bands are reduced and normalised in this many pieces, so float32 temporaries stay a fraction
-of the band."""
+"""Off the CPU, low-precision bands are reduced and normalised in this many pieces, so float32
+temporaries stay a fraction of the band."""
 
 
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm, ctx: Context) -> torch.Tensor:
@@ -300,23 +326,42 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, ctx: Context) -> torch.Tenso
     return normalize(x, stats, norm)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Channels vary fastest in memory (channels-last layouts, which CPU convolutions may choose)."""
+    return x.ndim > 2 and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+
+
 def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Per (batch, group) of a band: [element count, mean, sum of squared deviations from that
-    mean], shape (B, G, 3), accumulated in float32 (or ``x``'s dtype if wider). Low-precision input
-    goes in pieces along each group's elements, each cast to float32 and merged."""
+    mean], shape (B, G, 3), accumulated in float32 (or ``x``'s dtype if wider), in either memory
+    layout without copying the band: pieces of it are reduced and merged (Chan et al.)."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    xg = x.reshape(x.shape[0], groups, -1)
-    if x.dtype == acc:
-        return _moments(xg)
-    pieces = xg.tensor_split(min(PIECES, xg.shape[-1]), dim=-1)
-    return merge_moments(torch.stack([_moments(p.to(acc)) for p in pieces]), dim=0)
+    b, c = x.shape[:2]
+    last = _channels_last(x)
+    rows = x.movedim(1, -1).reshape(b, -1, c) if last else x.reshape(b, c, -1)  # views
+    dim = 1 if last else 2
+    n = rows.shape[dim]
+    if x.device.type == "cpu":
+        size = max(1, CHUNK // (b * c))
+    else:
+        size = n if x.dtype == acc else -(-n // PIECES)
+    parts = [_piece_moments(p.to(acc), groups, dim) for p in rows.split(size, dim)]
+    return parts[0] if len(parts) == 1 else merge_moments(torch.stack(parts), dim=0)
 
 
-def _moments(xg: torch.Tensor) -> torch.Tensor:
-    """[count, mean, M2] over the last dim of ``xg`` (B, G, n): one pass, no temporary."""
-    var, mean = torch.var_mean(xg, dim=-1, correction=0)
-    n = xg.shape[-1]
-    return torch.stack([torch.full_like(mean, n), mean, var * n], dim=-1)
+def _piece_moments(p: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """[count, mean, M2] per (batch, group) of a piece: (B, n, C) with ``dim`` 1, (B, C, n) with 2."""
+    b, c = p.shape[0], p.shape[3 - dim]
+    per = c // groups
+    count = p.shape[dim] * per
+    if p.device.type != "cpu":  # one fused reduction, no temporary
+        grouped = p.unflatten(3 - dim, (groups, per))
+        var, mean = torch.var_mean(grouped, dim=(dim, 3) if dim == 1 else (2, 3), correction=0)
+        return torch.stack([torch.full_like(mean, count), mean, var * count], dim=-1)
+    mean = p.sum(dim).reshape(b, groups, per).sum(-1) / count
+    centre = mean.repeat_interleave(per, dim=1).unsqueeze(dim)
+    m2 = (p - centre).square_().sum(dim).reshape(b, groups, per).sum(-1)
+    return torch.stack([torch.full_like(mean, count), mean, m2], dim=-1)
 
 
 def merge_moments(stats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -332,7 +377,8 @@ def merge_moments(stats: torch.Tensor, dim: int) -> torch.Tensor:
 def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """Normalise with the merged (biased) statistics ``stats`` (B, G, 3) and apply the norm's
     affine transform, folded into one per-channel scale and shift: a single output tensor of
-    ``x``'s dtype, like the fused GroupNorm kernel (low precision: computed in float32 pieces)."""
+    ``x``'s dtype and memory layout, like the fused GroupNorm kernel (low precision: computed in
+    float32 pieces)."""
     b, c = x.shape[:2]
     n, mean, m2 = stats.unbind(-1)
     per = c // norm.num_groups
@@ -341,15 +387,16 @@ def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch
     if norm.affine:
         weight = norm.weight.to(scale.dtype)
         scale, shift = scale * weight, shift * weight + norm.bias.to(scale.dtype)
-    scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)
-    xc = x.reshape(b, c, -1)
+    at = (b, c) + (1,) * (x.ndim - 2)
+    scale, shift = scale.reshape(at), shift.reshape(at)
     if x.dtype == scale.dtype:
-        return torch.addcmul(shift, xc, scale).reshape(x.shape)
-    out = torch.empty_like(xc)
-    pieces = min(PIECES, xc.shape[-1])
-    for src, dst in zip(xc.tensor_split(pieces, dim=-1), out.tensor_split(pieces, dim=-1)):
+        return torch.addcmul(shift, x, scale)
+    out = torch.empty_like(x)
+    along = 2 + max(range(x.ndim - 2), key=lambda d: x.shape[2 + d])  # the longest spatial axis
+    pieces = min(PIECES, x.shape[along])
+    for src, dst in zip(x.tensor_split(pieces, dim=along), out.tensor_split(pieces, dim=along)):
         dst.copy_(torch.addcmul(shift, src.to(scale.dtype), scale))
-    return out.reshape(x.shape)
+    return out
 
 
 class GatheredAttention(_Wrapper):
