@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from vaepar.report import human_bytes
+from vaepar.report import human_bytes, human_flops
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -37,11 +37,15 @@ def measured(doc: dict) -> str:
 
 def planned(doc: dict) -> str:
     lines = [f"{doc['model']}, {doc['task']} of latents {doc['latent_shape']}, {doc['dtype']} (predicted)", "",
-             "| strategy | workers | imbalance | work | sent / rank | halo exchanges | activations / rank |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| strategy | workers | imbalance | work | sent / rank | hidden by overlap | halo exchanges | "
+             "attention / rank | activations / rank |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["plan"]:
+        hidden = r.get("bytes_overlapped_per_rank")  # absent in plans written before they were counted
+        attention = r.get("attention_flops_per_rank")
         lines.append(f"| {r['strategy']} | {r['nproc']} | {r['imbalance']:.2f} | {r['work']:.2f} | "
-                     f"{human_bytes(r['bytes_sent_per_rank'])} | {r['exchanges']} | "
+                     f"{human_bytes(r['bytes_sent_per_rank'])} | {'–' if hidden is None else human_bytes(hidden)} | "
+                     f"{r['exchanges']} | {'–' if attention is None else human_flops(attention)} | "
                      f"{human_bytes(r['activation_bytes_per_rank'])} |")
     return "\n".join(lines)
 

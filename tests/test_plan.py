@@ -19,17 +19,42 @@ def brute_force_best(weights: tuple[int, ...], k: int) -> int:
     return best
 
 
+def brute_force_any(weights: tuple[int, ...], k: int) -> int:
+    """Smallest possible heaviest load over every assignment of tiles to k ranks."""
+    return min(max(sum(w for w, r in zip(weights, owners) if r == rank) for rank in range(k))
+               for owners in itertools.product(range(k), repeat=len(weights)))
+
+
 @pytest.mark.parametrize("weights", [
     (4, 4, 4, 4), (16, 16, 16, 4, 16, 16, 16, 4, 4, 4, 4, 1), (9, 1, 1, 1, 9, 1, 1, 1),
     (5, 3, 8, 2, 7, 1, 1, 6, 4), (1,), (3, 3),
 ])
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4, 5])
-def test_assign_is_optimal_contiguous_and_uses_every_rank(weights: tuple[int, ...], nranks: int) -> None:
+def test_assign_beats_the_best_contiguous_split_and_uses_every_rank(weights: tuple[int, ...], nranks: int) -> None:
     owners = plan.assign(weights, nranks)
-    assert len(owners) == len(weights)
-    assert list(owners) == sorted(owners), "runs are contiguous in scan order"
-    assert max(plan.loads(weights, owners, nranks)) == brute_force_best(weights, nranks)
+    assert len(owners) == len(weights) and owners[0] == 0
+    heaviest = max(plan.loads(weights, owners, nranks))
+    assert heaviest <= brute_force_best(weights, nranks)
+    assert heaviest >= max(max(weights), -(-sum(weights) // nranks))
     assert set(owners) == set(range(min(nranks, len(weights)))), "every rank works while tiles last"
+
+
+def test_assign_levels_the_sd_512_grid_to_the_optimum() -> None:
+    """diffusers' 3x3 grid of a 512-pixel SD image in 256-pixel tiles: no contiguous split of 2
+    ranks does better than 3584 of 6400; moving one edge tile reaches the best of all 512
+    assignments."""
+    weights = plan.kl_decode_grid(64, 64, tile=256, overlap=0.25, scale=8).weights()
+    assert weights == (1024, 1024, 512, 1024, 1024, 512, 512, 512, 256)
+    assert brute_force_best(weights, 2) == 3584
+    owners = plan.assign(weights, 2)
+    assert max(plan.loads(weights, owners, 2)) == brute_force_any(weights, 2) == 3328
+
+
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+def test_assign_is_close_to_the_best_of_all_assignments(nranks: int) -> None:
+    weights = (5, 3, 8, 2, 7, 1, 1, 6)
+    heaviest = max(plan.loads(weights, plan.assign(weights, nranks), nranks))
+    assert heaviest <= brute_force_any(weights, nranks) + min(weights)
 
 
 def test_assign_is_deterministic() -> None:

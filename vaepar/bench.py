@@ -192,8 +192,24 @@ def _meta_family(spec: ModelSpec, dtype: torch.dtype) -> Family:
     return spec.family(vae.eval(), spec)
 
 
-def _activation_peak(family: Family, task: str, x: torch.Tensor, ctx: shard.Context | None) -> tuple[int, torch.Tensor]:
-    """Largest (inputs + output) bytes of any module in one run on the meta device, and the output."""
+@dataclass(kw_only=True, slots=True)
+class MetaRun:
+    """What one run on the meta device shows: the activation peak, the attention work, the output."""
+
+    peak: int
+    attention_flops: int
+    out: torch.Tensor
+
+
+ATTENTION_OPS = ("bmm", "scaled_dot_product")
+"""Ops that count as attention: scores and weighted values (projections are linear layers)."""
+
+
+def _meta_run(family: Family, task: str, x: torch.Tensor, ctx: shard.Context | None) -> MetaRun:
+    """One run on the meta device: the largest (inputs + output) bytes of any module, and the
+    floating-point operations of attention (torch's own flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     peak = [0]
 
     def hook(_: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -205,7 +221,7 @@ def _activation_peak(family: Family, task: str, x: torch.Tensor, ctx: shard.Cont
     handles = [m.register_forward_hook(hook) for m in family.vae.modules()]
     fn = family.decode_tile if task == "decode" else family.encode_tile
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), FlopCounterMode(display=False) as flops:
             if ctx is None:
                 out = fn(x, tiled=False)
             else:
@@ -214,7 +230,9 @@ def _activation_peak(family: Family, task: str, x: torch.Tensor, ctx: shard.Cont
     finally:
         for h in handles:
             h.remove()
-    return peak[0], out
+    counts = flops.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in counts.items() if any(name in str(op) for name in ATTENTION_OPS))
+    return MetaRun(peak=peak[0], attention_flops=attention, out=out)
 
 
 def plan_rows(bench: BenchConfig) -> list[dict[str, Any]]:
@@ -237,6 +255,8 @@ def plan_rows(bench: BenchConfig) -> list[dict[str, Any]]:
             row = _plan_one(family, bench, strategy, n, x, rows, unit_in)
             row["bytes_sent_per_rank"] = round(row["bytes_sent_per_rank"] * scale)
             row["exchanges"] = round(row["exchanges"] * scale)
+            row["bytes_overlapped_per_rank"] = round(row["bytes_overlapped_per_rank"] * scale)
+            row["attention_flops_per_rank"] = round(row["attention_flops_per_rank"] * scale)
             out.append({"strategy": strategy, "nproc": n, **row})
     return out
 
@@ -252,19 +272,21 @@ def _plan_one(family: Family, bench: BenchConfig, strategy: str, n: int, x: torc
     if strategy == "patch":
         spans = [(max(0, a - cfg.halo), min(rows, b + cfg.halo)) for a, b in bands]
         big = max(spans, key=lambda s: s[1] - s[0])
-        peak, y = _activation_peak(family, bench.task, x[..., big[0] * unit_in : big[1] * unit_in, :], None)
+        run = _meta_run(family, bench.task, x[..., big[0] * unit_in : big[1] * unit_in, :], None)
         loads = [b - a for a, b in spans]
         return {"imbalance": max(loads) / (sum(sizes) / n), "work": sum(loads) / rows,
-                "bytes_sent_per_rank": _out_bytes(y, max(sizes), big[1] - big[0]) if len(bands) > 1 else 0,
-                "activation_bytes_per_rank": peak, "exchanges": 0}
+                "bytes_sent_per_rank": _out_bytes(run.out, max(sizes), big[1] - big[0]) if len(bands) > 1 else 0,
+                "activation_bytes_per_rank": run.peak, "attention_flops_per_rank": run.attention_flops,
+                "exchanges": 0, "bytes_overlapped_per_rank": 0}
     index = 1 if len(bands) > 2 else 0
     a, b = bands[index]
     ctx = _Counting(comm=None, index=index, active=len(bands))  # type: ignore[arg-type]
     ctx.scale_rows = rows / (b - a)
-    peak, y = _activation_peak(family, bench.task, x[..., a * unit_in : b * unit_in, :], ctx if len(bands) > 1 else None)
+    run = _meta_run(family, bench.task, x[..., a * unit_in : b * unit_in, :], ctx if len(bands) > 1 else None)
     return {"imbalance": max(sizes) / (sum(sizes) / n), "work": 1.0,
-            "bytes_sent_per_rank": ctx.bytes_sent + (y.numel() * y.element_size() if len(bands) > 1 else 0),
-            "activation_bytes_per_rank": peak, "exchanges": ctx.exchanges}
+            "bytes_sent_per_rank": ctx.bytes_sent + (run.out.numel() * run.out.element_size() if len(bands) > 1 else 0),
+            "activation_bytes_per_rank": run.peak, "attention_flops_per_rank": run.attention_flops,
+            "exchanges": ctx.exchanges, "bytes_overlapped_per_rank": ctx.bytes_overlapped}
 
 
 def _plan_tiles(family: Family, task: str, x: torch.Tensor, grid: plan.Grid, ranks: int, n: int) -> dict[str, Any]:
@@ -274,7 +296,16 @@ def _plan_tiles(family: Family, task: str, x: torch.Tensor, grid: plan.Grid, ran
     owners = plan.assign(weights, ranks)
     loads = plan.loads(weights, owners, n)
     big = max(range(grid.count), key=lambda t: weights[t])
-    peak, y = _activation_peak(family, task, tile_input(x, grid, big), None)
+    by_shape: dict[tuple[int, ...], MetaRun] = {}  # tiles of one shape run alike
+    for t in range(grid.count):
+        part = tile_input(x, grid, t)
+        if tuple(part.shape) not in by_shape:
+            by_shape[tuple(part.shape)] = _meta_run(family, task, part, None)
+    runs = {t: by_shape[tuple(tile_input(x, grid, t).shape)] for t in range(grid.count)}
+    y = runs[big].out
+    attention = [0] * n
+    for t, run in runs.items():
+        attention[owners[t]] += run.attention_flops
     per_elem = y.numel() // (y.shape[-2] * y.shape[-1])
     sent = [0] * n
     for t in range(grid.count):
@@ -289,7 +320,8 @@ def _plan_tiles(family: Family, task: str, x: torch.Tensor, grid: plan.Grid, ran
                 sent[owners[t]] += e * (grid.cols.out_sizes[j] if kind == "rows" else grid.rows.out_sizes[i])
     return {"imbalance": max(loads) / (sum(loads) / n), "work": grid.amplification(),
             "bytes_sent_per_rank": max(sent) * per_elem * y.element_size(),
-            "activation_bytes_per_rank": peak, "exchanges": 0}
+            "activation_bytes_per_rank": runs[big].peak, "attention_flops_per_rank": max(attention),
+            "exchanges": 0, "bytes_overlapped_per_rank": 0}
 
 
 def _out_bytes(y: torch.Tensor, core: int, span: int) -> int:

@@ -163,10 +163,14 @@ def kl_encode_grid(h: int, w: int, *, tile: int, overlap: float, scale: int) -> 
 
 
 def assign(weights: tuple[int, ...], nranks: int) -> tuple[int, ...]:
-    """Owner rank of each tile: contiguous runs in scan order minimising the heaviest load.
+    """Owner rank of each tile: contiguous runs in scan order minimising the heaviest load, then
+    levelled by moving or swapping single tiles between the heaviest and the lightest rank while
+    that lowers the heavier of the two (the merge swaps strips between any owners, so runs need
+    not stay whole).
 
     Every rank gets at least one tile when there are enough tiles; ranks beyond the tile count
-    idle. Deterministic: the same weights and rank count give the same plan everywhere.
+    idle; tile 0 stays on rank 0. Deterministic: the same weights and rank count give the same
+    plan everywhere.
     """
     if nranks < 1:
         raise ValueError(f"need at least one rank, got {nranks}")
@@ -179,7 +183,29 @@ def assign(weights: tuple[int, ...], nranks: int) -> tuple[int, ...]:
     owners: list[int] = []
     for rank, (a, b) in enumerate(zip(cuts, cuts[1:] + [len(weights)])):
         owners += [rank] * (b - a)
-    return tuple(owners)
+    return _level(weights, owners, len(cuts))
+
+
+def _level(weights: tuple[int, ...], owners: list[int], used: int) -> tuple[int, ...]:
+    """Move or swap one tile at a time from the heaviest to the lightest of ``used`` ranks while
+    the pair's heavier load drops (a sum of squares that only falls, so it ends). Ties go to
+    moves over swaps, then to the tile nearest the light rank's own (fewer strips to send)."""
+    while True:
+        load = loads(weights, tuple(owners), used)
+        heavy, light = load.index(max(load)), load.index(min(load))
+        mine = [t for t, r in enumerate(owners) if r == heavy]
+        theirs = [t for t, r in enumerate(owners) if r == light]
+        givers = [t for t in mine if t != 0]
+        options = [(u, t) for t in givers for u in ([None] if len(mine) > 1 else []) + theirs]
+        best = min(((max(load[heavy] - d, load[light] + d), u is not None, min(abs(t - v) for v in theirs), t, u)
+                    for u, t in options if (d := weights[t] - (weights[u] if u is not None else 0)) > 0),
+                   default=None, key=lambda c: c[:4])
+        if best is None or best[0] >= load[heavy]:
+            return tuple(owners)
+        *_, t, u = best
+        owners[t] = light
+        if u is not None:
+            owners[u] = heavy
 
 
 def _pack(weights: tuple[int, ...], cap: int) -> list[int]:

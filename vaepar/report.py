@@ -216,17 +216,30 @@ def print_plan(rows: list[dict[str, Any]], bench: Any, console: Console) -> None
     """The predicted table of ``vaepar bench --plan``."""
     table = Table(title=f"vaepar plan: {bench.cfg.model.name}, {bench.task} latents {list(bench.latent_shape)}, "
                         f"{bench.cfg.dtype} (nothing computed)")
-    for col in ("strategy", "n", "imbalance", "work", "sent/rank", "exchanges", "activations/rank"):
+    for col in ("strategy", "n", "imbalance", "work", "sent/rank", "hidden", "exchanges", "attention/rank",
+                "activations/rank"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for r in rows:
         table.add_row(r["strategy"], str(r["nproc"]), f"{r['imbalance']:.2f}", f"{r['work']:.2f}",
-                      human_bytes(r["bytes_sent_per_rank"]), str(r["exchanges"]),
+                      human_bytes(r["bytes_sent_per_rank"]), human_bytes(r["bytes_overlapped_per_rank"]),
+                      str(r["exchanges"]), human_flops(r["attention_flops_per_rank"]),
                       human_bytes(r["activation_bytes_per_rank"]))
     console.print(table)
     console.print("imbalance: heaviest rank's work over the mean; sent/rank: halo strips or halo rows plus "
-                  "the rank's part of the result; activations: largest layer input + output on the busiest "
-                  "rank (an estimate of the activation peak, weights excluded; frame-by-frame video models: "
-                  "per frame step)")
+                  "the rank's part of the result; hidden: the halo bytes sent while the band's convolution "
+                  "runs (overlapped with compute); attention/rank: floating-point operations of attention "
+                  "scores and weighted values on the busiest rank; activations: largest layer input + output "
+                  "on the busiest rank (an estimate of the activation peak, weights excluded; frame-by-frame "
+                  "video models: per frame step)")
+
+
+def human_flops(n: float) -> str:
+    """Floating-point operations with an SI prefix: ``40.8 GFLOP``."""
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000 or unit == "P":
+            return f"{n:.0f} FLOP" if unit == "" else f"{n:.1f} {unit}FLOP"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 class Stopwatch:
