@@ -197,7 +197,7 @@ class HaloConv2d(_Wrapper):
 
 class HaloCausalConv3d(_Wrapper):
     """Wan's causal 3-D convolution: time cache per band, halo rows exchanged on the cache-extended
-    input, zero padding only at the global edges."""
+    input while the band's interior is convolved, zero padding only at the global edges."""
 
     wraps = "conv"
 
@@ -211,27 +211,49 @@ class HaloCausalConv3d(_Wrapper):
         c = self.conv
         pw, _, top, bottom, front, _ = c._padding
         cache = cache_x.to(x.device) if cache_x is not None and front > 0 else None
-        padded = self._padded_input(x, cache, pw, top, bottom, front)
-        return F.conv3d(padded, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
-
-    @staticmethod
-    def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, pw: int, top: int, bottom: int,
-                      front: int) -> torch.Tensor:
-        """Zero front frames, the time cache, ``x``, the neighbours' rows and zero columns, written
-        into one buffer: a single band-sized copy where concatenating and padding make three."""
-        tc = 0 if cache is None else cache.shape[2]
-        assert tc <= front, "the time cache is longer than the causal padding"
-        *lead, t, h, w = x.shape
-        buf = x.new_zeros((*lead, front + t, h + top + bottom, w + 2 * pw))
-        rows, cols = slice(top, top + h), slice(pw, pw + w)
-        if cache is not None:
-            buf[..., front - tc : front, rows, cols] = cache
-        buf[..., front:, rows, cols] = x
+        buf, sent = _time_padded(x, cache, pw, front)
+        if top == bottom > 0 and c.kernel_size[1] == 2 * top + 1 and x.shape[-2] >= 2 * top and c.stride[1] == 1 \
+                and c.dilation[1] == 1:
+            return self._patched(buf, sent, top)
         if top or bottom:
-            above, below = _current.halos(buf[..., front - tc :, rows, cols], top, bottom)
-            buf[..., front - tc :, :top, cols] = above
-            buf[..., front - tc :, top + h :, cols] = below
-        return buf
+            above, below = _current.halos(buf[..., sent, :, pw : buf.shape[-1] - pw], top, bottom)
+            buf = torch.cat([_full_frames(buf, sent, pw, above), buf, _full_frames(buf, sent, pw, below)], dim=-2)
+        return F.conv3d(buf, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+    def _patched(self, buf: torch.Tensor, sent: slice, p: int) -> torch.Tensor:
+        """As :meth:`HaloConv2d._patched`: convolve with zero rows while the halo travels, then redo
+        the ``p`` rows at each end with the neighbours' rows."""
+        c, k, pw = self.conv, self.conv.kernel_size[1], self.conv._padding[0]
+        posted = _current.post_halos(buf[..., sent, :, pw : buf.shape[-1] - pw], p, p)
+        out = F.conv3d(buf, c.weight, c.bias, c.stride, (0, p, 0), c.dilation, c.groups)
+        above, below = posted.wait()
+        top = torch.cat([_full_frames(buf, sent, pw, above), buf[..., : k - 1, :]], dim=-2)
+        bottom = torch.cat([buf[..., buf.shape[-2] - k + 1 :, :], _full_frames(buf, sent, pw, below)], dim=-2)
+        out[..., :p, :] = F.conv3d(top, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        out[..., -p:, :] = F.conv3d(bottom, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        return out
+
+
+def _time_padded(x: torch.Tensor, cache: torch.Tensor | None, pw: int, front: int) -> tuple[torch.Tensor, slice]:
+    """Zero front frames, the time cache, ``x`` and zero columns in one buffer (a single band-sized
+    copy where concatenating and padding make two), and the frames that hold data (the ones
+    neighbours exchange)."""
+    tc = 0 if cache is None else cache.shape[2]
+    assert tc <= front, "the time cache is longer than the causal padding"
+    *lead, t, h, w = x.shape
+    buf = x.new_zeros((*lead, front + t, h, w + 2 * pw))
+    cols = slice(pw, pw + w)
+    if cache is not None:
+        buf[..., front - tc : front, :, cols] = cache
+    buf[..., front:, :, cols] = x
+    return buf, slice(front - tc, None)
+
+
+def _full_frames(buf: torch.Tensor, sent: slice, pw: int, rows: torch.Tensor) -> torch.Tensor:
+    """Halo ``rows`` of the exchanged frames and columns, placed in zeros shaped like ``buf``."""
+    out = buf.new_zeros((*buf.shape[:-2], rows.shape[-2], buf.shape[-1]))
+    out[..., sent, :, pw : buf.shape[-1] - pw] = rows
+    return out
 
 
 class HaloPaddedConv3d(_Wrapper):
