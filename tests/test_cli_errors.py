@@ -219,6 +219,7 @@ OPTION_CASES = [
     pytest.param(["--threads", "-2"], ["threads must be at least 1, got -2"], id="threads-negative"),
     pytest.param(["--dtype", "float8"], ["dtype must be one of", "'float8'"], id="unknown-dtype"),
     pytest.param(["--device", "tpu"], ["--device must be cpu or cuda, got 'tpu'"], id="unknown-device"),
+    pytest.param(["--backend", "mpi"], ["--backend must be one of nccl, gloo, got 'mpi'"], id="unknown-backend"),
     pytest.param(["--nnodes", "2"], ["several nodes need --rdzv-endpoint"], id="nodes-without-endpoint"),
     pytest.param(["--tile-size", "30"], ["--tile-size must be a positive multiple of the model's scale (4), got 30"],
                  id="tile-size-not-multiple-of-scale"),
@@ -236,6 +237,7 @@ CONFLICT_CASES = [
     pytest.param(["--gpus", "2", "--nproc", "3"], ["--gpus 2 already sets the number of workers; drop --nproc 3"],
                  id="gpus-and-nproc"),
     pytest.param(["--halo", "4"], ["--halo applies to --strategy patch only, not auto"], id="halo-without-patch"),
+    pytest.param(["--backend", "nccl"], ["--backend nccl needs --device cuda"], id="nccl-on-cpu"),
     pytest.param(["--strategy", "shard", "--tile-size", "32"], ["--tile-size applies to --strategy tiled or auto"],
                  id="tile-size-with-shard"),
     pytest.param(["--strategy", "patch", "--tile-overlap", "0.1"], ["--tile-overlap applies to", "not patch"],
@@ -384,3 +386,17 @@ def test_error_is_one_line_in_a_narrow_terminal(tmp_path: Path, out_dir: Path,
     assert len(lines) == 1 and len(lines[0]) > 40, proc.stderr
     assert lines[0].startswith("error: ") and "out of step" in lines[0]
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend, fragments", [
+    pytest.param([], ["asked for 2 GPU workers but this machine has 1 CUDA device(s)",
+                      "NCCL needs one GPU per worker", "--backend gloo"], id="default-nccl"),
+    pytest.param(["--backend", "nccl"], ["NCCL needs one GPU per worker"], id="nccl"),
+])
+def test_nccl_refuses_to_share_a_gpu(out_dir: Path, launches: list[object], kl_models: dict[str, Path], good: Path,
+                                     monkeypatch: pytest.MonkeyPatch, backend: list[str], fragments: list[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = decode(good, "--out", out_dir / "out.png", "--model", kl_models["kl4"], "--gpus", "2", *backend,
+                    device=None)
+    assert_fails(result, out_dir, launches, *fragments)

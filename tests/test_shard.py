@@ -551,6 +551,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
         check("(local kl attention)", originals["kl attention"](x4[..., a:b, :]),
               originals["kl attention"](x4)[..., a:b, :])
     errs["(gathers, reductions)"] = (float(ctx.gathers), float(ctx.reductions))
+    errs |= staged_probes(comm, originals, wrapped, x4, x5, spread, a, b)
     errs |= norm_probes(shard.Context(comm=comm, index=comm.rank, active=comm.world), a, b)
     errs |= attention_probes(shard.Context(comm=comm, index=comm.rank, active=comm.world), a, b)
     every = comm.gather_all(errs)
@@ -635,13 +636,30 @@ def attention_probes(ctx: shard.Context, a: int, b: int) -> dict[str, tuple[floa
     return errs
 
 
+def staged_probes(comm: Comm, originals: dict[str, nn.Module], wrapped: nn.ModuleDict, x4: torch.Tensor,
+                  x5: torch.Tensor, spread: torch.Tensor, a: int, b: int) -> dict[str, tuple[float, float]]:
+    """The same pieces with every transfer staged through separate host buffers (as ``--backend
+    gloo`` does for CUDA ranks sharing a GPU): the result must equal the direct one bit for bit."""
+    staged = replace(comm, staged=True)
+    errs = {}
+    with torch.no_grad():
+        for name, x, args in (("conv k3", x4, ()), ("group norm", spread, ()), ("kl attention", x4, ()),
+                              ("wan attention", x5, ()), ("causal conv3d", x5, (None,))):
+            got = []
+            for c in (comm, staged):
+                with shard.sharding(shard.Context(comm=c, index=comm.rank, active=comm.world)):
+                    got.append(wrapped[name](x[..., a:b, :], *args))
+            errs[f"staged {name}"] = ((got[1] - got[0]).abs().max().item(), got[0].abs().max().item())
+    return errs
+
+
 def test_distributed_pieces_on_three_ranks(launched: Callable[[int], dict[str, Any]]) -> None:
     probes = launched(3)["probes"]
     for name, (err, scale) in probes.items():
         print(f"  3 ranks {name:32} {err:.3e}  (max |reference| {scale:.3g})")
     for name, (err, scale) in probes.items():
-        if name.startswith("exchange_rows"):
-            assert err == 0.0, name  # rows are copied, not computed
+        if name.startswith(("exchange_rows", "staged")):
+            assert err == 0.0, name  # rows are copied, not computed; staging copies the same bytes
         elif not name.startswith("("):
             assert err <= 1e-4 * max(1.0, scale), name
     assert probes["(local group norm)"][0] > 1.0 and probes["(local kl attention)"][0] > 1e-2

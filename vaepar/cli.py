@@ -20,6 +20,7 @@ from rich.markup import escape
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E402 - after the environment
+from vaepar.comm import BACKENDS  # noqa: E402
 from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
 from vaepar.latents import Factors  # noqa: E402
 from vaepar.protocol import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -44,6 +45,10 @@ Nproc = Annotated[int | None, typer.Option(help="Number of workers on this node 
 Gpus = Annotated[int | None, typer.Option(help="Shorthand for --device cuda --nproc N.")]
 Device = Annotated[str | None, typer.Option(help="Worker device: cpu or cuda (default: cuda when available).")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads per CPU worker (default: cores // workers).")]
+Backend = Annotated[str | None, typer.Option(help=(
+    "Collective backend: nccl (cuda, one GPU per worker) or gloo (cpu; on cuda it lets several workers share a "
+    "GPU, staging every transfer through host memory: for testing). Default: nccl on cuda, gloo on cpu."),
+    show_default=False)]
 Strategy = Annotated[str, typer.Option(help=STRATEGY_HELP)]
 TileSize = Annotated[int | None, typer.Option(help=(
     "Tile size in pixels, a multiple of the model's scale (default: the model's sample_size; 256 for Wan). "
@@ -85,6 +90,7 @@ class Workers:
     device: str | None
     threads: int | None
     nnodes: int
+    backend: str | None = None
     node_rank: int
     rdzv_endpoint: str | None
 
@@ -138,12 +144,17 @@ def _resolve_device(w: Workers) -> tuple[str, int]:
         raise OptionError(f"--device must be cpu or cuda, got '{device}'")
     if device == "cuda" and w.threads is not None:
         raise OptionError("--threads sets CPU threads per worker; it has no effect with --device cuda")
+    if w.backend not in (None, *BACKENDS):
+        raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, got '{w.backend}'")
+    if w.backend == "nccl" and device != "cuda":
+        raise OptionError("--backend nccl needs --device cuda (gloo runs CPU workers)")
     if device == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise VaeparError("CUDA is not available on this machine; use --device cpu")
-        if nproc > count:
-            raise VaeparError(f"asked for {nproc} GPU workers but this machine has {count} CUDA device(s)")
+        if nproc > count and w.backend != "gloo":
+            raise VaeparError(f"asked for {nproc} GPU workers but this machine has {count} CUDA device(s): NCCL "
+                              "needs one GPU per worker (--backend gloo lets workers share a GPU, for testing)")
     return device, nproc
 
 
@@ -216,7 +227,7 @@ def _setup(run: Run, spec: ModelSpec, **extra: Any) -> tuple[launch.LaunchSpec, 
     device, nproc = _resolve_device(w)
     group = launch.LaunchSpec(nproc=nproc, nnodes=w.nnodes, node_rank=w.node_rank, rdzv_endpoint=w.rdzv_endpoint)
     cfg = worker.WorkerConfig(
-        model=spec, device=device, dtype=_compute_dtype(run, spec, device),
+        model=spec, device=device, backend=w.backend, dtype=_compute_dtype(run, spec, device),
         threads=w.threads if w.threads is not None else (launch.default_threads(nproc) if device == "cpu" else None),
         strategy=run.strategy, tile_size=run.tile_size,
         factors=None if run.raw else Factors.of(spec, run.scaling_factor, run.shift_factor),
@@ -341,6 +352,7 @@ def decode(
     gpus: Gpus = None,
     device: Device = None,
     threads: Threads = None,
+    backend: Backend = None,
     strategy: Strategy = "auto",
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
@@ -389,6 +401,7 @@ def encode(
     gpus: Gpus = None,
     device: Device = None,
     threads: Threads = None,
+    backend: Backend = None,
     strategy: Strategy = "auto",
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
@@ -435,7 +448,7 @@ def _resolution(text: str) -> tuple[int, int]:
 def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames: int | None, batch: int,
            nproc: str | None, gpus: str | None, device: str | None, strategies: str, repeats: int, warmup: int,
            task: str, dtype: str | None, tile_size: int | None, tile_overlap: float | None, halo: int | None,
-           json_path: Path | None, show_plan: bool, threads: int | None) -> None:
+           json_path: Path | None, show_plan: bool, threads: int | None, backend: str | None) -> None:
     from vaepar import bench, report
     from vaepar.vae import architecture
 
@@ -450,9 +463,10 @@ def _bench(*, model: str | None, subfolder: str | None, resolution: str, frames:
     device = "cuda" if gpus is not None else device
     if not show_plan:
         _resolve_device(Workers(nproc=max(counts, default=1), gpus=None, device=device, threads=None,
-                                nnodes=1, node_rank=0, rdzv_endpoint=None))
+                                nnodes=1, node_rank=0, rdzv_endpoint=None, backend=backend))
     device = device or ("cuda" if not show_plan and __import__("torch").cuda.is_available() else "cpu")
-    cfg = worker.WorkerConfig(model=spec, device=device, dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
+    cfg = worker.WorkerConfig(model=spec, device=device, backend=backend,
+                              dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
                               tile_size=tile_size, show_progress=False, threads=threads,
                               **_given(tile_overlap=tile_overlap, halo=halo))
     b = bench.BenchConfig(cfg=cfg, task=task, shape=bench.input_shape(spec, task, _resolution(resolution), frames, batch),
@@ -492,6 +506,7 @@ def bench(
     tile_overlap: TileOverlap = None,
     halo: Halo = None,
     threads: Threads = None,
+    backend: Backend = None,
     json_path: JsonPath = None,
     show_plan: Annotated[bool, typer.Option("--plan", help=(
         "Compute nothing: predict imbalance, work, bytes sent and activation memory per rank for any "
@@ -502,7 +517,7 @@ def bench(
     _guarded(_bench, model=model, subfolder=subfolder, resolution=resolution, frames=frames, batch=batch,
              nproc=nproc, gpus=gpus, device=device, strategies=strategies, repeats=repeats, warmup=warmup,
              task=task, dtype=dtype, tile_size=tile_size, tile_overlap=tile_overlap, halo=halo,
-             json_path=json_path, show_plan=show_plan, threads=threads, debug=debug)
+             json_path=json_path, show_plan=show_plan, threads=threads, backend=backend, debug=debug)
 
 
 def _serve(*, model: str, subfolder: str | None, run: Run, http: Any, token_file: Path | None,
@@ -572,6 +587,7 @@ def serve(
     gpus: Gpus = None,
     device: Device = None,
     threads: Threads = None,
+    backend: Backend = None,
     strategy: Strategy = "auto",
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
@@ -602,7 +618,7 @@ def serve(
     The workers load the model once and stay warm; requests run one at a time, each on all workers.
     """
     run = Run(workers=Workers(nproc=nproc, gpus=gpus, device=device, threads=threads, nnodes=1, node_rank=0,
-                              rdzv_endpoint=None),
+                              rdzv_endpoint=None, backend=backend),
               strategy=strategy, tile_size=tile_size, tile_overlap=tile_overlap, raw=True, scaling_factor=None,
               shift_factor=None, dtype=dtype, upcast=upcast, json_path=None, quiet=False, halo=halo, verbose=False)
     _guarded(_serve_checked, model=model, subfolder=subfolder, run=run, token_file=token_file, fps=fps,

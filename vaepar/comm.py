@@ -19,8 +19,18 @@ import torch.distributed as dist
 from vaepar.errors import VaeparError
 
 
-def backend_for(device_type: str) -> str:
-    """The collective backend for a device type: cuda -> nccl, cpu -> gloo."""
+BACKENDS = ("nccl", "gloo")
+
+
+def backend_for(device_type: str, backend: str | None = None) -> str:
+    """The collective backend for a device type: cuda -> nccl, cpu -> gloo; or ``backend`` when
+    given (gloo on cuda: ranks may share a GPU, every transfer staged through host memory)."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend == "nccl" and device_type != "cuda":
+            raise ValueError("the nccl backend needs --device cuda")
+        return backend
     return "nccl" if device_type == "cuda" else "gloo"
 
 
@@ -45,40 +55,45 @@ class Comm:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     store: Any = None
     group: Any = None
+    staged: bool = False  # device tensors cross through host memory (gloo on CUDA)
 
     @staticmethod
     def of_group(group: Any, device: torch.device) -> Comm:
         """The ranks of a process group the caller set up (None: the default group, if any)."""
         if not (dist.is_available() and dist.is_initialized()):
             return Comm(device=device)
-        return Comm(rank=dist.get_rank(group), world=dist.get_world_size(group), device=device, group=group)
+        staged = device.type == "cuda" and dist.get_backend(group) == "gloo"
+        return Comm(rank=dist.get_rank(group), world=dist.get_world_size(group), device=device, group=group,
+                    staged=staged)
 
     def peer(self, rank: int) -> int:
         """The global rank of ``rank`` in this group."""
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     @staticmethod
-    def join(device_type: str) -> Comm:
+    def join(device_type: str, backend: str | None = None) -> Comm:
         """Join the group described by the launcher's environment (or run alone without one).
 
-        ``RANK`` is the rank :func:`vaepar.launch.meet` assigned in ``--node-rank`` order.
+        ``RANK`` is the rank :func:`vaepar.launch.meet` assigned in ``--node-rank`` order. On CUDA,
+        local ranks take the node's GPUs in turn: several share one only with ``backend`` gloo.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         node_rank = int(os.environ.get("VAEPAR_NODE_RANK", "0"))
-        device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+        backend = backend_for(device_type, backend)
+        device = torch.device("cpu")
         if device_type == "cuda":
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
             torch.cuda.set_device(device)
         if world == 1:
             return Comm(device=device)
         rank = int(os.environ["RANK"])
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                               is_master=False, timeout=timedelta(minutes=10))
-        dist.init_process_group(backend_for(device_type), store=dist.PrefixStore("pg", store),
-                                rank=rank, world_size=world, timeout=collective_timeout(),
-                                device_id=device if device_type == "cuda" else None)
+        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                                timeout=collective_timeout(), device_id=device if backend == "nccl" else None)
         return Comm(rank=rank, world=world, local_rank=local_rank, node_rank=node_rank, device=device,
-                    store=dist.PrefixStore("vaepar", store))
+                    store=dist.PrefixStore("vaepar", store), staged=backend == "gloo" and device.type == "cuda")
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
@@ -93,17 +108,44 @@ class Comm:
         """:meth:`exchange` started without waiting: returns the wait. Until it is called, the
         transfers run beside whatever the caller computes (on CUDA, NCCL's own stream; the wait
         makes the current stream wait for it) and the receive buffers must not be read."""
-        outgoing = [t.contiguous() for _, t in sends]  # held until the wait: the sends read them
+        outgoing = [self._out(t) for _, t in sends]  # held until the wait: the sends read them
+        incoming = [self._in(t) for _, t in recvs]
         ops = [dist.P2POp(dist.isend, t, self.peer(p), self.group) for (p, _), t in zip(sends, outgoing)]
-        ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group) for p, t in recvs]
+        ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group) for (p, _), t in zip(recvs, incoming)]
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def wait() -> None:
             for work in works:
                 work.wait()
+            for (_, dst), got in zip(recvs, incoming):
+                if got is not dst:
+                    dst.copy_(got)
             outgoing.clear()
 
         return wait
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        """What to hand the backend to send ``t``: contiguous, in host memory when staged."""
+        return torch.empty(t.shape, dtype=t.dtype).copy_(t) if self.staged else t.contiguous()
+
+    def _in(self, t: torch.Tensor) -> torch.Tensor:
+        """Where the backend receives into ``t``: ``t`` itself, or a host buffer when staged."""
+        return torch.empty(t.shape, dtype=t.dtype) if self.staged else t
+
+    def all_reduce(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """Sum ``t`` over ``group`` (default: this comm's group), in place."""
+        buf = self._out(t) if self.staged else t
+        dist.all_reduce(buf, group=group if group is not None else self.group)
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def all_gather(self, t: torch.Tensor, count: int, group: Any = None) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape everywhere) from the ``count`` ranks of ``group``, in rank order."""
+        buf = self._out(t)
+        parts = [torch.empty_like(buf) for _ in range(count)]
+        dist.all_gather(parts, buf, group=group if group is not None else self.group)
+        return [p.to(t.device) for p in parts]
 
     def broadcast(self, tensor: torch.Tensor | None) -> torch.Tensor:
         """Rank 0's tensor on every rank (on this rank's device)."""
@@ -118,7 +160,10 @@ class Comm:
     def broadcast_from(self, src: int, buf: torch.Tensor) -> torch.Tensor:
         """Rank ``src``'s ``buf`` into every rank's ``buf`` (same shape and dtype everywhere)."""
         if self.world > 1:
-            dist.broadcast(buf, src=self.peer(src), group=self.group)
+            wire = self._out(buf) if self.staged else buf
+            dist.broadcast(wire, src=self.peer(src), group=self.group)
+            if wire is not buf:
+                buf.copy_(wire)
         return buf
 
     def barrier(self) -> None:
@@ -161,7 +206,7 @@ class Comm:
         return out
 
     def _object_device(self) -> torch.device | None:
-        return self.device if self.device.type == "cuda" else None
+        return self.device if self.device.type == "cuda" and not self.staged else None
 
     def add(self, key: str, amount: int) -> int:
         """Atomically add to a counter shared by all ranks; returns the new value."""

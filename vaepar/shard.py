@@ -84,7 +84,7 @@ class Context:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the active ranks (in place)."""
-        dist.all_reduce(t, group=self.group)
+        self.comm.all_reduce(t, self.group)
         self.reductions += 1
         return t
 
@@ -98,12 +98,9 @@ class Context:
     def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """All bands concatenated along dim -2 on every active rank, and where this band starts."""
         rows = torch.tensor([x.shape[-2]], device=x.device)
-        counts = [torch.zeros_like(rows) for _ in range(self.active)]
-        dist.all_gather(counts, rows, group=self.group)
-        sizes = [int(c.item()) for c in counts]
+        sizes = [int(c.item()) for c in self.comm.all_gather(rows, self.active, self.group)]
         padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[-2])).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.active)]
-        dist.all_gather(parts, padded, group=self.group)
+        parts = self.comm.all_gather(padded, self.active, self.group)
         self.gathers += 1
         full = torch.cat([p[..., :n, :] for p, n in zip(parts, sizes)], dim=-2)
         return full, sum(sizes[: self.index])

@@ -17,7 +17,7 @@ import torch
 
 from vaepar import compat, engine, latents, outputs, pixels, plan, shard
 from vaepar.engine import latent_rows
-from vaepar.comm import Comm
+from vaepar.comm import BACKENDS, Comm
 from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
@@ -34,6 +34,7 @@ class WorkerConfig:
 
     model: ModelSpec
     device: str = "cpu"
+    backend: str | None = None  # None: nccl on cuda, gloo on cpu
     dtype: str = "float32"
     threads: int | None = None
     strategy: str = "auto"
@@ -51,6 +52,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise OptionError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.backend not in (None, *BACKENDS) or (self.backend == "nccl" and self.device != "cuda"):
+            raise OptionError(f"--backend {self.backend} cannot run on {self.device}; choose nccl (cuda) or gloo")
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.strategy not in STRATEGIES:
@@ -144,7 +147,7 @@ class Worker:
 
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        self.comm = Comm.join(cfg.device)
+        self.comm = Comm.join(cfg.device, cfg.backend)
         if cfg.threads is not None and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)
         self.dtype = DTYPES[cfg.dtype]
