@@ -147,10 +147,14 @@ def _document(bench: BenchConfig, results: list[worker.BenchResult], ref_note: s
     notes = [n for n in (ref_note,) if n]
     if spec.random_weights:
         notes.append("random weights: timing does not depend on the weights")
+    if bench.cfg.device == "cuda" and bench.cfg.backend == "gloo":
+        notes.append("--backend gloo: ranks may share a GPU and stage transfers through host memory; per-rank "
+                     "memory is meaningful, times are not a scaling figure")
     return {"device": device_name(bench.cfg.device), "model": spec.name, "task": bench.task,
             "latent_shape": list(bench.latent_shape), "input_shape": list(bench.shape),
             "dtype": bench.cfg.dtype, "repeats": bench.repeats, "warmup": bench.warmup,
-            "threads_per_worker": bench.cfg.threads if bench.cfg.device == "cpu" else None, "runs": runs,
+            "threads_per_worker": bench.cfg.threads if bench.cfg.device == "cpu" else None,
+            "backend": bench.cfg.backend or ("nccl" if bench.cfg.device == "cuda" else "gloo"), "runs": runs,
             "notes": notes}
 
 
