@@ -67,14 +67,22 @@ class HunyuanVideo15Family(KLFamily):
         return ShardLeaves(attention=(HunyuanVideo15AttnBlock,), padded_convs=(HunyuanVideo15CausalConv3d,))
 
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
-        out = torch.cat([self.vae.decoder(sample) for sample in z.split(1)])
+        out = _per_sample(self.vae.decoder, z)
         tick(1)
         return out
 
     def encode_tile(self, x: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
-        out = torch.cat([self.vae.encoder(sample) for sample in x.split(1)])
+        out = _per_sample(self.vae.encoder, x)
         tick(1)
         return out
 
     def steps(self, x: torch.Tensor, task: str) -> int:
         return 1
+
+
+def _per_sample(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` on each sample of ``x`` alone (its attention mask fails on batches), joined; a
+    single sample is returned as it comes, without a copy."""
+    if x.shape[0] == 1:
+        return module(x)
+    return torch.cat([module(sample) for sample in x.split(1)])
