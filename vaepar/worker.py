@@ -2,7 +2,8 @@
 
 Every rank runs :func:`main`. Rank 0 reads each input and broadcasts it, every rank runs its
 share of the tiles (:mod:`vaepar.tiled`), rank 0 assembles and writes the output and returns the
-reports. For PNG and MP4 outputs each rank converts its own part to uint8 before the gather. A
+reports. For PNG and MP4 outputs each rank converts its own part to uint8 before the gather, and
+rank 0 writes in the background (:mod:`vaepar.writer`) while the next input decodes. A
 :class:`Worker` outlives its jobs so that a server can feed it more.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +26,7 @@ from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
 from vaepar.tiled import Finish
 from vaepar.vae import ModelSpec, load
+from vaepar.writer import Writer
 
 T = TypeVar("T")
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
@@ -164,17 +167,43 @@ class Worker:
         self.jobs_started = 0
 
     @torch.inference_mode()
-    def decode(self, job: DecodeJob) -> JobReport | None:
-        """Decode one file; rank 0 writes the output and returns the report."""
+    def decode(self, job: DecodeJob, writer: Writer | None = None) -> JobReport | None:
+        """Decode one file; rank 0 writes the output and returns the report.
+
+        With ``writer`` (rank 0's), the write is queued there to overlap the next job: the report's
+        ``outputs`` are filled in once it is written (:meth:`Writer.flush`), and a failed write stops
+        every rank at the next job's start.
+        """
         clock = Stopwatch()
-        z = self.comm.broadcast(self._on_rank0(self._read_latents, job))
+
+        def read(j: DecodeJob) -> torch.Tensor:
+            if writer is not None:
+                writer.make_room()  # inside _on_rank0: an earlier output's failed write stops every rank
+            return self._read_latents(j)
+
+        z = self.comm.broadcast(self._on_rank0(read, job))
         done = self.decode_tensor(z, str(job.source), pixels=outputs.wants_pixels(job.output))
         if done is None:
             return None
-        written = outputs.write_sample(job.output, done.tensor, fps=self.cfg.fps, quality=self.cfg.quality)
-        return JobReport(input=str(job.source), outputs=[str(p) for p in written], input_shape=list(z.shape),
-                         output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
-                         seconds=clock.elapsed(), ranks=done.ranks)
+        report = JobReport(input=str(job.source), outputs=[], input_shape=list(z.shape),
+                           output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
+                           seconds=0.0, ranks=done.ranks)
+        self._write(job.output, done.tensor, report, writer)
+        report.seconds = clock.elapsed()
+        return report
+
+    def _write(self, path: Path, sample: torch.Tensor, report: JobReport, writer: Writer | None) -> None:
+        """Write ``sample`` to ``path`` (on ``writer``'s thread if given), listing the files in ``report``."""
+        sample = sample.cpu()  # the writer holds host memory only
+
+        def write() -> None:
+            written = outputs.write_sample(path, sample, fps=self.cfg.fps, quality=self.cfg.quality)
+            report.outputs[:] = [str(p) for p in written]
+
+        if writer is None:
+            write()
+        else:
+            writer.submit(write)
 
     @torch.inference_mode()
     def encode(self, job: EncodeJob) -> JobReport | None:
@@ -377,11 +406,27 @@ Job = DecodeJob | EncodeJob | BenchJob
 
 
 def main(cfg: WorkerConfig, jobs: list[Job]) -> list[JobReport | BenchResult] | None:
-    """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports."""
+    """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports once every
+    output is written (decode outputs are written in the background, :mod:`vaepar.writer`)."""
     worker = Worker(cfg)
-    run = {DecodeJob: worker.decode, EncodeJob: worker.encode, BenchJob: worker.bench}
+    writer = Writer() if worker.comm.rank == 0 else None
+    run = {DecodeJob: partial(worker.decode, writer=writer), EncodeJob: worker.encode, BenchJob: worker.bench}
     try:
         reports = [run[type(j)](j) for j in jobs]
+        if writer is not None:
+            finish_writes(writer, reports)
     finally:
+        if writer is not None:
+            writer.close()
         worker.close()
     return None if worker.comm.rank != 0 else [r for r in reports if r is not None]
+
+
+def finish_writes(writer: Writer, reports: list[JobReport | BenchResult | None]) -> None:
+    """Wait for the queued writes, raising the first failure. The wait counts towards the last
+    job's seconds, so that the jobs' seconds still add up to the wall time."""
+    clock = Stopwatch()
+    writer.flush()
+    last = next((r for r in reversed(reports) if isinstance(r, JobReport)), None)
+    if last is not None:
+        last.seconds += clock.elapsed()
