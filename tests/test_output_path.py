@@ -290,6 +290,34 @@ def test_several_inputs_to_png_equal_the_float_path(kl_models: dict[str, Path], 
     assert all(Path(o).exists() for j in jobs for o in j["outputs"])
 
 
+def test_the_next_decode_overlaps_the_previous_write(kl_models: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes slowed to 0.4 s: each runs while the next input decodes, and all are written."""
+    spans: dict[str, list[tuple[float, float]]] = {"write": [], "decode": []}
+
+    def timed(kind: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if kind == "write":
+                    time.sleep(0.4)
+                spans[kind].append((t0, time.monotonic()))
+        return run
+
+    monkeypatch.setattr(outputs, "write_sample", timed("write", outputs.write_sample))
+    monkeypatch.setattr(worker.Worker, "decode_tensor", timed("decode", worker.Worker.decode_tensor))
+    g = torch.Generator().manual_seed(5)
+    inputs = write_inputs(tmp_path / "in", {f"z{k}": torch.randn(1, 4, 5, 6, generator=g) for k in range(3)})
+    result = decode(*inputs, "--model", kl_models["kl4"], "--out", tmp_path / "out", "--format", "png")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["z0.png", "z1.png", "z2.png"]
+    writes, decodes = spans["write"], spans["decode"]
+    for k in range(2):
+        assert writes[k][0] < decodes[k + 1][1] and decodes[k + 1][0] < writes[k][1], (k, spans)
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_failing_write_is_one_line_and_leaves_no_temporary_file(kl_models: dict[str, Path], tmp_path: Path,
                                                                   nproc: int) -> None:
