@@ -12,7 +12,6 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -145,9 +144,13 @@ def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 
 
 
 class Worker:
-    """One rank: its place in the group and its copy of the VAE."""
+    """One rank: its place in the group and its copy of the VAE.
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    ``background_writes``: rank 0 writes decode outputs on a :class:`Writer` thread, overlapping
+    the next job; :meth:`flush_writes` waits for them.
+    """
+
+    def __init__(self, cfg: WorkerConfig, *, background_writes: bool = False) -> None:
         self.cfg = cfg
         self.comm = Comm.join(cfg.device)
         if cfg.threads is not None and cfg.device == "cpu":
@@ -165,20 +168,21 @@ class Worker:
         self.groups: dict[int, object] = {}
         self.meter = MemoryMeter(self.comm.device)
         self.jobs_started = 0
+        self.writer = Writer() if background_writes and self.comm.rank == 0 else None
 
     @torch.inference_mode()
-    def decode(self, job: DecodeJob, writer: Writer | None = None) -> JobReport | None:
+    def decode(self, job: DecodeJob) -> JobReport | None:
         """Decode one file; rank 0 writes the output and returns the report.
 
-        With ``writer`` (rank 0's), the write is queued there to overlap the next job: the report's
-        ``outputs`` are filled in once it is written (:meth:`Writer.flush`), and a failed write stops
-        every rank at the next job's start.
+        With background writes the write is queued to overlap the next job: the report's
+        ``outputs`` are filled in once it is written (:meth:`flush_writes`), and a failed write
+        stops every rank at the next job's start.
         """
         clock = Stopwatch()
 
         def read(j: DecodeJob) -> torch.Tensor:
-            if writer is not None:
-                writer.make_room()  # inside _on_rank0: an earlier output's failed write stops every rank
+            if self.writer is not None:
+                self.writer.make_room()  # inside _on_rank0: an earlier failed write stops every rank
             return self._read_latents(j)
 
         z = self.comm.broadcast(self._on_rank0(read, job))
@@ -188,22 +192,33 @@ class Worker:
         report = JobReport(input=str(job.source), outputs=[], input_shape=list(z.shape),
                            output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
                            seconds=0.0, ranks=done.ranks)
-        self._write(job.output, done.tensor, report, writer)
+        self._write(job.output, done.tensor, report)
         report.seconds = clock.elapsed()
         return report
 
-    def _write(self, path: Path, sample: torch.Tensor, report: JobReport, writer: Writer | None) -> None:
-        """Write ``sample`` to ``path`` (on ``writer``'s thread if given), listing the files in ``report``."""
+    def _write(self, path: Path, sample: torch.Tensor, report: JobReport) -> None:
+        """Write ``sample`` to ``path`` (on the writer's thread, if any), listing the files in ``report``."""
         sample = sample.cpu()  # the writer holds host memory only
 
         def write() -> None:
             written = outputs.write_sample(path, sample, fps=self.cfg.fps, quality=self.cfg.quality)
             report.outputs[:] = [str(p) for p in written]
 
-        if writer is None:
+        if self.writer is None:
             write()
         else:
-            writer.submit(write)
+            self.writer.submit(write)
+
+    def flush_writes(self, reports: list[JobReport | BenchResult | None]) -> None:
+        """Wait for the queued writes, raising the first failure. The wait counts towards the last
+        job's seconds, so that the jobs' seconds still add up to the wall time."""
+        if self.writer is None:
+            return
+        clock = Stopwatch()
+        self.writer.flush()
+        last = next((r for r in reversed(reports) if isinstance(r, JobReport)), None)
+        if last is not None:
+            last.seconds += clock.elapsed()
 
     @torch.inference_mode()
     def encode(self, job: EncodeJob) -> JobReport | None:
@@ -354,6 +369,9 @@ class Worker:
         return self.family.prepare_encode(x.to(self.comm.device, self.dtype)), meta
 
     def close(self) -> None:
+        """Finish the pending writes (their failures unreported: see :meth:`flush_writes`), leave the group."""
+        if self.writer is not None:
+            self.writer.close()
         self.comm.close()
 
 
@@ -408,25 +426,11 @@ Job = DecodeJob | EncodeJob | BenchJob
 def main(cfg: WorkerConfig, jobs: list[Job]) -> list[JobReport | BenchResult] | None:
     """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports once every
     output is written (decode outputs are written in the background, :mod:`vaepar.writer`)."""
-    worker = Worker(cfg)
-    writer = Writer() if worker.comm.rank == 0 else None
-    run = {DecodeJob: partial(worker.decode, writer=writer), EncodeJob: worker.encode, BenchJob: worker.bench}
+    worker = Worker(cfg, background_writes=True)
+    run = {DecodeJob: worker.decode, EncodeJob: worker.encode, BenchJob: worker.bench}
     try:
         reports = [run[type(j)](j) for j in jobs]
-        if writer is not None:
-            finish_writes(writer, reports)
+        worker.flush_writes(reports)
     finally:
-        if writer is not None:
-            writer.close()
         worker.close()
     return None if worker.comm.rank != 0 else [r for r in reports if r is not None]
-
-
-def finish_writes(writer: Writer, reports: list[JobReport | BenchResult | None]) -> None:
-    """Wait for the queued writes, raising the first failure. The wait counts towards the last
-    job's seconds, so that the jobs' seconds still add up to the wall time."""
-    clock = Stopwatch()
-    writer.flush()
-    last = next((r for r in reversed(reports) if isinstance(r, JobReport)), None)
-    if last is not None:
-        last.seconds += clock.elapsed()
