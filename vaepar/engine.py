@@ -85,10 +85,14 @@ def _no_tick(n: int) -> None:
 
 def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid, comm: Comm, *,
             halo: int = 8, groups: dict[int, object] | None = None, tick: Tick = _no_tick,
-            on_part: Callable[[], None] | None = None,
-            share: bool = False) -> tuple[torch.Tensor | None, shard.BandStats | None]:
+            on_part: Callable[[], None] | None = None, share: bool = False,
+            finish: tiled.Finish | None = None) -> tuple[torch.Tensor | None, shard.BandStats | None]:
     """Run ``task`` on ``x`` by ``strategy``: every rank its share, then the joined raw result
     (decoder output, or latent moments) on rank 0, or on every rank when ``share``.
+
+    ``finish`` (collective, :data:`vaepar.tiled.Finish`) turns each rank's own part of the raw
+    result (merged tile cores, or its band) into the form to join, before the join: the CLI's
+    PNG/MP4 outputs convert to uint8 there, so the gather moves a quarter of float32's bytes.
 
     Returns the result (None where it is not kept) and, for banded strategies, this rank's band
     statistics.
@@ -103,8 +107,9 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
         return tile_fn(part, tiled=grid.tiled, tick=tick)
 
     if strategy not in BANDED:
-        return tiled.run(x, grid, run_part, comm, share=share), None
+        return tiled.run(x, grid, run_part, comm, share=share, finish=finish), None
     unit = family.spec.scale // family.spec.patch_size
     unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
     return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out, run_part,
-                     comm, halo=halo if strategy == "patch" else None, groups=groups, share=share)
+                     comm, halo=halo if strategy == "patch" else None, groups=groups, share=share,
+                     finish=finish)

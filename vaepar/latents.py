@@ -82,10 +82,19 @@ def check_latents(path: Path, tensor: torch.Tensor, spec: ModelSpec) -> None:
 
 def nonfinite(t: torch.Tensor) -> str | None:
     """How many NaN and Inf values ``t`` holds (``"1 NaN, 2 Inf"``), or None if all are finite."""
+    return describe_nonfinite(*nonfinite_counts(t))
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
+    """The NaN and Inf values in ``t``."""
     if torch.isfinite(t).all():
-        return None
-    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-    return ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        return 0, 0
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def describe_nonfinite(nan: int, inf: int) -> str | None:
+    """``"1 NaN, 2 Inf"``, or None for none."""
+    return ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n) or None
 
 
 def _check_finite(path: Path, t: torch.Tensor) -> None:

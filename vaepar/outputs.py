@@ -40,15 +40,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def pixel_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1] to uint8 as diffusers' postprocess (rounded), elementwise: on ``x``'s
+    device and in its layout, so that each rank can convert its own part of a result."""
+    y = x.detach().float() / 2  # a new tensor: the steps below work in place, one float copy at a time
+    return y.add_(0.5).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def wants_pixels(path: Path) -> bool:
+    """Whether the output format of ``path`` stores uint8 pixels (PNG, MP4) rather than floats."""
+    return path.suffix.lower() in (".png", ".mp4")
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images ``(B, 3, H, W)`` or videos ``(B, 3, F, H, W)`` in [-1, 1] to channels-last uint8,
-    ``(B, H, W, 3)`` or ``(B, F, H, W, 3)``, as diffusers' postprocess (rounded).
+    """Images ``(B, 3, H, W)`` or videos ``(B, 3, F, H, W)`` in [-1, 1] (or already
+    :func:`pixel_bytes`) to channels-last uint8, ``(B, H, W, 3)`` or ``(B, F, H, W, 3)``.
 
     The channel axis is dim 1 in both layouts (for a video, dim -3 is the frame axis).
     """
-    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
-    x = x.movedim(1, -1).numpy()
-    return (x * 255).round().astype("uint8")
+    pixels = x if x.dtype == torch.uint8 else pixel_bytes(x.detach().float().cpu())
+    return np.ascontiguousarray(pixels.movedim(1, -1).cpu().numpy())
 
 
 def numbered(path: Path, count: int, index: int, width: int = 0) -> Path:
@@ -64,10 +75,13 @@ def image_paths(path: Path, batch: int) -> list[Path]:
 
 
 def write_sample(path: Path, sample: torch.Tensor, *, fps: int = 16, quality: int = 8) -> list[Path]:
-    """Write a decoded sample ``(B, 3, H, W)`` or ``(B, 3, F, H, W)`` in the format of its suffix."""
+    """Write a decoded sample ``(B, 3, H, W)`` or ``(B, 3, F, H, W)`` in the format of its suffix
+    (PNG and MP4 also take it as :func:`pixel_bytes`)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import save_file
+
+        assert sample.is_floating_point(), "safetensors output keeps the float sample, not pixels"
 
         return _write(path, [path], lambda tmp: save_file(
             {"sample": sample.detach().float().cpu().contiguous()}, str(tmp[0])))
@@ -88,8 +102,13 @@ def write_latents(path: Path, z: torch.Tensor, metadata: dict[str, str]) -> Path
 
 
 def _write(path: Path, paths: list[Path], fill: Callable[[list[Path]], None]) -> list[Path]:
-    with _staged(paths) as temps:
-        fill(temps)
+    """``fill`` the temporary siblings of ``paths``, then rename them into place; an OS error
+    (a folder gone or read-only, a full disk) is one line naming ``path``."""
+    try:
+        with _staged(paths) as temps:
+            fill(temps)
+    except OSError as exc:
+        raise VaeparError(f"{path}: cannot write the output ({exc.strerror or exc})") from None
     return paths
 
 

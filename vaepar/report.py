@@ -79,7 +79,12 @@ class RankStats:
 
 @dataclass(kw_only=True, slots=True)
 class JobReport:
-    """One input file's result, kept by rank 0."""
+    """One input file's result, kept by rank 0.
+
+    ``seconds``: from the job's start until the next job could start. An output's write overlaps
+    the next job (and the last job waits for every write), so the jobs' seconds add up to the
+    wall time.
+    """
 
     input: str
     outputs: list[str]

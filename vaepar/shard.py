@@ -608,12 +608,16 @@ class BandStats:
 
 def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], int],
         fn: Callable[[torch.Tensor], torch.Tensor], comm: Comm, *, halo: int | None = None,
-        groups: dict[int, object] | None = None, share: bool = False) -> tuple[torch.Tensor | None, BandStats]:
+        groups: dict[int, object] | None = None, share: bool = False,
+        finish: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        ) -> tuple[torch.Tensor | None, BandStats]:
     """Run ``fn`` on this rank's band of ``x``; rank 0 (every rank if ``share``) returns all bands'
     outputs joined along H.
 
     ``x`` has ``units * unit_in`` rows; a band of ``u`` units yields ``unit_out_of(u)`` output rows.
     ``halo`` None: shard (exchange inside every layer); an int: patch with that many units of margin.
+    ``finish`` (:data:`vaepar.tiled.Finish`): applied to each rank's band output (none on an idle
+    rank) before the join, which then moves the bands in its dtype.
     """
     bands = plan.bands(units, comm.world)
     stats = BandStats()
@@ -630,6 +634,8 @@ def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], 
             out = full[..., start : start + unit_out_of(b - a), :]
     elif comm.world > 1 and halo is None:
         _group(comm, len(bands), groups)  # new_group is collective over all ranks
+    if finish is not None:
+        out = next(iter(finish([] if out is None else [out])), None)
     rows = [unit_out_of(b - a) for a, b in bands]
     return (_share_bands(out, rows, comm) if share else _gather_bands(out, rows, comm)), stats
 

@@ -16,19 +16,30 @@ from vaepar import blend, plan
 from vaepar.comm import Comm
 
 RunTile = Callable[[torch.Tensor], torch.Tensor]
+Finish = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""Collective: every rank calls it once per run with its own parts of the result (possibly none),
+before they are joined, and gets them back in the form to join: the same shapes, any dtype."""
 
 
-def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm, *, share: bool = False) -> torch.Tensor | None:
+def run(x: torch.Tensor, grid: plan.Grid, run_tile: RunTile, comm: Comm, *, share: bool = False,
+        finish: Finish | None = None) -> torch.Tensor | None:
     """Run every tile of ``x`` (``(..., H, W)``) on its owner; the merged result on rank 0 (on
-    every rank if ``share``)."""
+    every rank if ``share``). ``finish``: applied to each rank's merged tile cores before the join,
+    so that the join moves (and rank 0 assembles) them in its dtype."""
     owners = plan.assign(grid.weights(), comm.world)
     raw = {t: run_tile(tile_input(x, grid, t)) for t in range(grid.count) if owners[t] == comm.rank}
     if all(r == 0 for r in owners):
-        out = blend.merge([raw[t] for t in range(grid.count)], grid) if comm.rank == 0 else None
+        whole = [blend.merge([raw[t] for t in range(grid.count)], grid)] if comm.rank == 0 else []
+        out = next(iter(finished(whole, finish)), None)
         return comm.broadcast(out) if share else out
     # Holds for every grid whose cores follow the stride (plan.Axis.aligned), the only ones planned.
     assert grid.strips_suffice()
-    return _merge_from_strips(raw, grid, owners, comm, _lead_shape(raw, comm), share)
+    return _merge_from_strips(raw, grid, owners, comm, _lead_shape(raw, comm), share, finish)
+
+
+def finished(parts: list[torch.Tensor], finish: Finish | None) -> list[torch.Tensor]:
+    """``parts`` through ``finish`` (collective when there is one), else as they are."""
+    return parts if finish is None else finish(parts)
 
 
 def tile_input(x: torch.Tensor, grid: plan.Grid, t: int) -> torch.Tensor:
@@ -73,7 +84,7 @@ def _strip_shape(grid: plan.Grid, src: int, rows: slice, cols: slice, lead: tupl
 
 def _merge_from_strips(
     raw: dict[int, torch.Tensor], grid: plan.Grid, owners: tuple[int, ...], comm: Comm,
-    meta: tuple[tuple[int, ...], torch.dtype], share: bool,
+    meta: tuple[tuple[int, ...], torch.dtype], share: bool, finish: Finish | None,
 ) -> torch.Tensor | None:
     lead, dtype = meta
     got: dict[tuple[int, str], torch.Tensor] = {}
@@ -93,6 +104,10 @@ def _merge_from_strips(
     for t in sorted(raw):
         merged = blend.finish_tile(raw[t], got.get((t, "up")), got.get((t, "left")), got.get((t, "corner")))
         cores[t] = blend.core(merged, grid, *grid.position(t))
+    if finish is not None:
+        cores = dict(zip(cores, finish(list(cores.values()))))
+        # rank 0 owns tile 0; every rank allocates receive buffers in the finished dtype
+        dtype = comm.broadcast_object(cores[0].dtype if comm.rank == 0 else None) if share else dtype
     if share:
         return _share_cores(cores, grid, owners, comm, lead, dtype)
     return _gather_cores(cores, grid, owners, comm, lead)

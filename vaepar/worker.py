@@ -2,7 +2,9 @@
 
 Every rank runs :func:`main`. Rank 0 reads each input and broadcasts it, every rank runs its
 share of the tiles (:mod:`vaepar.tiled`), rank 0 assembles and writes the output and returns the
-reports. A :class:`Worker` outlives its jobs so that a server can feed it more.
+reports. For PNG and MP4 outputs each rank converts its own part to uint8 before the gather, and
+rank 0 writes in the background (:mod:`vaepar.writer`) while the next input decodes. A
+:class:`Worker` outlives its jobs so that a server can feed it more.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from vaepar.comm import BACKENDS, Comm
 from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
+from vaepar.tiled import Finish
 from vaepar.vae import ModelSpec, load
+from vaepar.writer import Writer
 
 T = TypeVar("T")
 STRATEGIES = ("auto", "none", "tiled", "shard", "patch")
@@ -143,9 +147,13 @@ def plan_job(cfg: WorkerConfig, task: str, shape: tuple[int, ...], world: int = 
 
 
 class Worker:
-    """One rank: its place in the group and its copy of the VAE."""
+    """One rank: its place in the group and its copy of the VAE.
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    ``background_writes``: rank 0 writes decode outputs on a :class:`Writer` thread, overlapping
+    the next job; :meth:`flush_writes` waits for them.
+    """
+
+    def __init__(self, cfg: WorkerConfig, *, background_writes: bool = False) -> None:
         self.cfg = cfg
         self.comm = Comm.join(cfg.device, cfg.backend)
         if cfg.threads is not None and cfg.device == "cpu":
@@ -163,19 +171,57 @@ class Worker:
         self.groups: dict[int, object] = {}
         self.meter = MemoryMeter(self.comm.device)
         self.jobs_started = 0
+        self.writer = Writer() if background_writes and self.comm.rank == 0 else None
 
     @torch.inference_mode()
     def decode(self, job: DecodeJob) -> JobReport | None:
-        """Decode one file; rank 0 writes the output and returns the report."""
+        """Decode one file; rank 0 writes the output and returns the report.
+
+        With background writes the write is queued to overlap the next job: the report's
+        ``outputs`` are filled in once it is written (:meth:`flush_writes`), and a failed write
+        stops every rank at the next job's start.
+        """
         clock = Stopwatch()
-        z = self.comm.broadcast(self._on_rank0(self._read_latents, job))
-        done = self.decode_tensor(z, str(job.source))
+
+        def read(j: DecodeJob) -> torch.Tensor:
+            if self.writer is not None:
+                self.writer.make_room()  # inside _on_rank0: an earlier failed write stops every rank
+            return self._read_latents(j)
+
+        z = self.comm.broadcast(self._on_rank0(read, job))
+        done = self.decode_tensor(z, str(job.source), pixels=outputs.wants_pixels(job.output))
         if done is None:
             return None
-        written = outputs.write_sample(job.output, done.tensor, fps=self.cfg.fps, quality=self.cfg.quality)
-        return JobReport(input=str(job.source), outputs=[str(p) for p in written], input_shape=list(z.shape),
-                         output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
-                         seconds=clock.elapsed(), ranks=done.ranks)
+        report = JobReport(input=str(job.source), outputs=[], input_shape=list(z.shape),
+                           output_shape=list(done.tensor.shape), strategy=done.strategy, tiles=done.parts,
+                           seconds=0.0, ranks=done.ranks)
+        self._write(job.output, done.tensor, report)
+        report.seconds = clock.elapsed()
+        return report
+
+    def _write(self, path: Path, sample: torch.Tensor, report: JobReport) -> None:
+        """Write ``sample`` to ``path`` (on the writer's thread, if any), listing the files in ``report``."""
+        sample = sample.cpu()  # the writer holds host memory only
+
+        def write() -> None:
+            written = outputs.write_sample(path, sample, fps=self.cfg.fps, quality=self.cfg.quality)
+            report.outputs[:] = [str(p) for p in written]
+
+        if self.writer is None:
+            write()
+        else:
+            self.writer.submit(write)
+
+    def flush_writes(self, reports: list[JobReport | BenchResult | None]) -> None:
+        """Wait for the queued writes, raising the first failure. The wait counts towards the last
+        job's seconds, so that the jobs' seconds still add up to the wall time."""
+        if self.writer is None:
+            return
+        clock = Stopwatch()
+        self.writer.flush()
+        last = next((r for r in reversed(reports) if isinstance(r, JobReport)), None)
+        if last is not None:
+            last.seconds += clock.elapsed()
 
     @torch.inference_mode()
     def encode(self, job: EncodeJob) -> JobReport | None:
@@ -194,15 +240,36 @@ class Worker:
                          seconds=clock.elapsed(), ranks=done.ranks)
 
     @torch.inference_mode()
-    def decode_tensor(self, z: torch.Tensor, label: str) -> Done | None:
+    def decode_tensor(self, z: torch.Tensor, label: str, *, pixels: bool = False) -> Done | None:
         """Collective: decode latents ``z`` (the same on every rank, as ``vae.decode`` takes them);
-        rank 0 gets the sample in [-1, 1], checked finite."""
+        rank 0 gets the sample in [-1, 1], checked finite.
+
+        ``pixels``: rank 0 gets it as uint8 instead (:func:`outputs.pixel_bytes`, channels first),
+        each rank checking and converting its own part before the gather (:meth:`_pixel_parts`).
+        """
         strategy, grid = plan_job(self.cfg, "decode", tuple(z.shape), self.comm.world)
-        out, ranks, parts = self._run("decode", strategy, z, grid, Path(label).name)
+        what = f"{label}: the decoded result"
+        finish = self._pixel_parts(what) if pixels else None
+        out, ranks, parts = self._run("decode", strategy, z, grid, Path(label).name, finish)
         if out is None:
             return None
-        check_finite(out, f"{label}: the decoded result", self.cfg)
-        return Done(tensor=self.family.finish_decode(out), strategy=strategy, parts=parts, ranks=ranks)
+        if pixels:
+            sample = self.family.arrange(out)  # a permutation of the gathered bytes (Wan 2.2: unpatchify)
+        else:
+            check_finite(out, what, self.cfg)
+            sample = self.family.finish_decode(out)
+        return Done(tensor=sample, strategy=strategy, parts=parts, ranks=ranks)
+
+    def _pixel_parts(self, what: str) -> Finish:
+        """Each rank's parts of a raw decoder result to uint8 pixels: checked finite on every rank
+        together, then :meth:`Family.finish_values` (elementwise) and :func:`outputs.pixel_bytes`.
+        Every family's :meth:`Family.finish_decode` splits so (what is not elementwise is only a
+        layout, applied on rank 0 by :meth:`Family.arrange`), so no family needs the float gather."""
+        def finish(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+            check_finite_parts(parts, what, self.cfg, self.comm)
+            return [outputs.pixel_bytes(self.family.finish_values(p)) for p in parts]
+
+        return finish
 
     @torch.inference_mode()
     def encode_tensor(self, x: torch.Tensor, label: str) -> Done | None:
@@ -216,10 +283,10 @@ class Worker:
         z = self.family.latents(out, sample=self.cfg.sample, seed=self.cfg.seed)
         return Done(tensor=z, strategy=strategy, parts=parts, ranks=ranks)
 
-    def _run(self, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid,
-             label: str) -> tuple[torch.Tensor | None, list[RankStats], int]:
-        """Every rank runs its share; rank 0 gets the joined result, everyone's stats and the
-        number of parts (tiles or bands)."""
+    def _run(self, task: str, strategy: str, x: torch.Tensor, grid: plan.Grid, label: str,
+             finish: Finish | None = None) -> tuple[torch.Tensor | None, list[RankStats], int]:
+        """Every rank runs its share; rank 0 gets the joined result (each part through ``finish``
+        first, if given), everyone's stats and the number of parts (tiles or bands)."""
         parts = engine.part_count(strategy, grid, latent_rows(self.cfg.model, task, x.shape[-2]), self.comm.world)
         self.jobs_started += 1
         ticker = Ticker(self.comm, f"job{self.jobs_started}", parts * self.family.steps(x, task), label,
@@ -233,7 +300,7 @@ class Worker:
 
         try:
             out, band = engine.execute(self.family, task, strategy, x, grid, self.comm, halo=self.cfg.halo,
-                                       groups=self.groups, tick=ticker.tick, on_part=counted)
+                                       groups=self.groups, tick=ticker.tick, on_part=counted, finish=finish)
         finally:
             ticker.close()
         if band is not None:
@@ -305,19 +372,36 @@ class Worker:
         return self.family.prepare_encode(x.to(self.comm.device, self.dtype)), meta
 
     def close(self) -> None:
+        """Finish the pending writes (their failures unreported: see :meth:`flush_writes`), leave the group."""
+        if self.writer is not None:
+            self.writer.close()
         self.comm.close()
 
 
 def check_finite(out: torch.Tensor, what: str, cfg: WorkerConfig) -> None:
     """Refuse a result with NaN or Inf (an overflow): it would be written as a black image."""
     found = latents.nonfinite(out)
-    if found is None:
-        return
+    if found is not None:
+        raise VaeparError(_overflow(what, found, cfg))
+
+
+def check_finite_parts(parts: list[torch.Tensor], what: str, cfg: WorkerConfig, comm: Comm) -> None:
+    """Collective: :func:`check_finite` over every rank's ``parts`` of one result (disjoint, together
+    the whole); every rank raises the same error, so that none waits in the gather that follows."""
+    counts = [latents.nonfinite_counts(p) for p in parts]
+    mine = (sum(nan for nan, _ in counts), sum(inf for _, inf in counts))
+    everyone = comm.gather_all(mine)
+    found = latents.describe_nonfinite(sum(nan for nan, _ in everyone), sum(inf for _, inf in everyone))
+    if found is not None:
+        raise VaeparError(_overflow(what, found, cfg))
+
+
+def _overflow(what: str, found: str, cfg: WorkerConfig) -> str:
     remedy = "use --dtype bfloat16 or float32"
     if cfg.dtype == "float16" and cfg.model.config.get("force_upcast", False):
         remedy = "drop --no-upcast (this VAE's config asks for float32), or " + remedy
-    raise VaeparError(f"{what} has non-finite values ({found}) computed in {cfg.dtype}: the VAE overflowed; "
-                      f"{remedy}; nothing was written")
+    return (f"{what} has non-finite values ({found}) computed in {cfg.dtype}: the VAE overflowed; "
+            f"{remedy}; nothing was written")
 
 
 def pixel_shape(x: torch.Tensor, meta: dict[str, str]) -> list[int]:
@@ -343,11 +427,13 @@ Job = DecodeJob | EncodeJob | BenchJob
 
 
 def main(cfg: WorkerConfig, jobs: list[Job]) -> list[JobReport | BenchResult] | None:
-    """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports."""
-    worker = Worker(cfg)
+    """Entry point of every rank: run ``jobs`` in order; rank 0 returns their reports once every
+    output is written (decode outputs are written in the background, :mod:`vaepar.writer`)."""
+    worker = Worker(cfg, background_writes=True)
     run = {DecodeJob: worker.decode, EncodeJob: worker.encode, BenchJob: worker.bench}
     try:
         reports = [run[type(j)](j) for j in jobs]
+        worker.flush_writes(reports)
     finally:
         worker.close()
     return None if worker.comm.rank != 0 else [r for r in reports if r is not None]

@@ -146,7 +146,18 @@ class Family:
         raise NotImplementedError
 
     def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Post-processing after the merge (Wan: unpatchify and clamp)."""
+        """Post-processing after the merge (Wan: unpatchify and clamp): :meth:`finish_values`,
+        then :meth:`arrange`."""
+        return self.arrange(self.finish_values(x))
+
+    def finish_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise part of :meth:`finish_decode` (Wan: clamp). Elementwise, so it may run on
+        each rank's part of the raw result before the join, as the CLI's pixel outputs do."""
+        return x
+
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        """The layout part of :meth:`finish_decode` (Wan 2.2: unpatchify) on the joined result: it
+        only moves elements, so it applies to any dtype (the CLI's pixel outputs: uint8)."""
         return x
 
     def prepare_encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,12 @@ class LTX2Family(WanFamily):
         tick(1)
         return out
 
-    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
-        return Family.finish_decode(self, x)
+    def finish_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Unchanged: LTX-2 neither clamps nor unpatchifies after the decoder."""
+        return Family.finish_values(self, x)
+
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        return Family.arrange(self, x)
 
     def steps(self, x: torch.Tensor, task: str) -> int:
         return 1

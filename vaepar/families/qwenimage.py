@@ -55,5 +55,9 @@ class QwenImageFamily(WanFamily):
         vae = self.vae
         return vae.decoder(step, feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
 
-    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
-        return Family.finish_decode(self, x)
+    def finish_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Unchanged: decode_tile clamps the untiled decode; the tiled one stays unclamped, as in diffusers."""
+        return Family.finish_values(self, x)
+
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        return Family.arrange(self, x)

@@ -132,10 +132,12 @@ class WanFamily(Family):
         moments = torch.cat(chunks, dim=2)
         return moments if tiled else vae.quant_conv(moments)
 
-    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
+    def finish_values(self, x: torch.Tensor) -> torch.Tensor:
+        """diffusers clamps after unpatchifying; the clamp is elementwise, so its order does not matter."""
+        return torch.clamp(x, min=-1.0, max=1.0)
+
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
         p = self.patch_size(self.spec.config)
-        if p > 1:
-            x = unpatchify(x, patch_size=p)
-        return torch.clamp(x, min=-1.0, max=1.0)
+        return unpatchify(x, patch_size=p) if p > 1 else x
