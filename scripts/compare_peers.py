@@ -2,11 +2,11 @@
 
 Every method decodes the same seeded latents with the same VAE (the SD-VAE architecture of
 configs/architectures/sd-vae.json with vaepar's seeded random weights, rebuilt bit-identically on
-every worker) and the same intra-op threads per worker. One launch of torch's elastic launcher
-(vaepar.launch) runs every method inside one gloo process group, in a fixed order, with barriers
-between them:
+every worker) and the same intra-op threads per worker. Each method runs in a launch of its own
+(torch's elastic launcher through vaepar.launch, gloo), in a fixed order, in fresh worker processes:
+what one method leaves in the allocator does not change another's time or peak RSS.
 
-  untiled         diffusers' own ``vae.decode`` on rank 0 alone (the reference for the errors)
+  untiled         diffusers' own ``vae.decode`` on one worker (the reference for the errors)
   distvae-patch   ``distvae.vae.parallelize_decoder``: DistVAE's DecoderAdapter splits the rows of
                   the up blocks over the ranks (conv_in and the mid block run whole on every rank)
   distvae-tiled   ``distvae.vae.tiled_decode_for`` with ``distvae.vae.sharing(group)``: diffusers'
@@ -164,10 +164,9 @@ class RankRun:
 
 
 @torch.inference_mode()
-def timed_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings, comm: Comm | None) -> RankRun:
-    """``warmup + repeats`` decodes (between barriers of ``comm``; alone when None): the timed
-    ones' seconds and peak RSS."""
-    sync = comm.barrier if comm is not None else (lambda: None)
+def timed_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings, comm: Comm) -> RankRun:
+    """``warmup + repeats`` decodes between barriers of ``comm``: the timed ones' seconds and peak RSS."""
+    sync = comm.barrier
     meter, run = MemoryMeter(torch.device("cpu")), RankRun()
     for i in range(settings.warmup + settings.repeats):
         sync()
@@ -186,12 +185,8 @@ def timed_decodes(vae: torch.nn.Module, z: torch.Tensor, settings: Settings, com
 def run_method(method: str, z: torch.Tensor, settings: Settings, comm: Comm) -> RankRun:
     """Build a fresh VAE, prepare it for ``method`` and time it; a failure is kept, not raised
     (every rank fails alike for a planning error, before any collective)."""
-    if method == "untiled" and comm.rank != 0:
-        return RankRun()  # the other ranks wait in the next collective
     try:
         vae = PREPARE[method](fresh_vae(), settings)
-        if method == "untiled":
-            return timed_decodes(vae, z, settings, None)
         return timed_decodes(vae, z, settings, comm)
     except Exception as exc:  # noqa: BLE001 - a peer's failure is reported, not fatal
         return RankRun(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -199,51 +194,53 @@ def run_method(method: str, z: torch.Tensor, settings: Settings, comm: Comm) -> 
         gc.collect()
 
 
-def summarise(method: str, runs: list[RankRun], mine: RankRun, reference: torch.Tensor | None,
+def summarise(method: str, runs: list[RankRun], output: torch.Tensor | None, reference: torch.Tensor | None,
               settings: Settings) -> MethodResult:
-    """Rank 0's row for ``method`` from every rank's (output-free) run and its own output."""
-    workers = 1 if method == "untiled" else len(runs)
-    result = MethodResult(method=method, workers=workers, threads=settings.threads)
+    """The row for ``method`` from every rank's (output-free) run and rank 0's output."""
+    result = MethodResult(method=method, workers=len(runs), threads=settings.threads)
     errors = sorted({r.error for r in runs if r.error})
     if errors:
         result.note = "; ".join(errors)
         return result
     result.times = runs[0].times
     result.seconds = statistics.median(result.times)
-    result.peak_mem_bytes = [r.peak for r in runs[:workers]]
-    if reference is not None and mine.output is not None:
-        result.max_abs_err = float((mine.output.float() - reference.float()).abs().max())
+    result.peak_mem_bytes = [r.peak for r in runs]
+    if reference is not None and output is not None:
+        result.max_abs_err = float((output.float() - reference.float()).abs().max())
     return result
 
 
-def worker_main(settings: Settings) -> dict[str, Any]:
-    """Every rank: join the group, run every method in order; rank 0 returns the results."""
+def worker_main(method: str, settings: Settings) -> dict[str, Any]:
+    """Every rank of one method's own launch: join the group, time the method; rank 0 returns
+    every rank's measurements and its output."""
     comm = Comm.join("cpu")  # initialises the default gloo group from the launcher's environment
     torch.set_num_threads(settings.threads)
-    z = latents(settings.resolution)
-    reference = reference_output(z, settings, comm)
-    results, outputs = [], {}
-    for method in settings.methods:
-        comm.barrier()
-        mine = run_method(method, z, settings, comm)
+    try:
+        mine = run_method(method, latents(settings.resolution), settings, comm)
         runs = comm.gather_all(RankRun(times=mine.times, peak=mine.peak, error=mine.error))
-        if comm.rank == 0:
-            if method == "untiled" and mine.output is not None:
-                reference = mine.output
-            results.append(summarise(method, runs, mine, reference, settings))
-            outputs[method] = mine.output
-        del mine
-    comm.barrier()
+    finally:
+        comm.close()
+    return {"runs": runs, "output": mine.output}
+
+
+def measure(method: str, settings: Settings, nproc: int) -> dict[str, Any]:
+    """One method in a launch of its own (fresh worker processes: no allocator state or heap left
+    by another method changes its time or its peak RSS)."""
+    workers = 1 if method == "untiled" else nproc
+    return launch.run(launch.LaunchSpec(nproc=workers), worker_main, method, settings, isolated=True)
+
+
+def compare(settings: Settings, nproc: int) -> dict[str, Any]:
+    """Every method in turn; the errors against the untiled decode (run untimed when not asked for)."""
+    done = {m: measure(m, settings, nproc) for m in settings.methods}
+    if "untiled" not in done:
+        quick = Settings(**{**asdict(settings), "repeats": 1, "warmup": 0})
+        done["untiled"] = measure("untiled", quick, nproc)
+    reference = done["untiled"]["output"]
+    results = [summarise(m, done[m]["runs"], done[m]["output"], reference, settings) for m in settings.methods]
+    outputs = {m: done[m]["output"] for m in settings.methods}
     scale = None if reference is None else float(reference.abs().max())
     return {"results": [asdict(r) for r in results], "cross": cross_errors(outputs), "reference_max_abs": scale}
-
-
-def reference_output(z: torch.Tensor, settings: Settings, comm: Comm) -> torch.Tensor | None:
-    """When ``untiled`` is not among the methods, one untimed untiled decode on rank 0."""
-    if "untiled" in settings.methods or comm.rank != 0:
-        return None
-    with torch.inference_mode():
-        return fresh_vae().decode(z).sample
 
 
 def cross_errors(outputs: dict[str, torch.Tensor | None]) -> dict[str, float]:
@@ -340,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(resolution=args.resolution, threads=args.threads, repeats=args.repeats,
                         warmup=args.warmup, tile_size=args.tile_size, methods=args.methods)
     try:
-        out = launch.run(launch.LaunchSpec(nproc=args.nproc), worker_main, settings)
+        out = compare(settings, args.nproc)
     except VaeparError as exc:
         sys.exit(f"compare_peers: {exc}")
     doc = {**out, "resolution": args.resolution, "latent_shape": list(latents(args.resolution).shape),
