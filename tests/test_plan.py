@@ -140,3 +140,21 @@ def test_every_aligned_grid_merges_from_strips(tile: int, overlap: float) -> Non
         grid = plan.kl_decode_grid(h, 50, tile=tile, overlap=overlap, scale=4)
         if grid.rows.aligned() and grid.cols.aligned():
             assert grid.strips_suffice(), (h, tile, overlap)
+
+
+def test_input_rows_cover_what_each_rank_reads() -> None:
+    """The rows each rank is sent (engine.input_rows): its band, patch's margin, its tiles' rows."""
+    from vaepar import engine
+    from vaepar.vae import architecture
+
+    spec = architecture("sd-vae")  # scale 8, no patchifying
+    grid = plan.kl_decode_grid(64, 64, tile=256, overlap=0.25, scale=8)
+    one = plan.Grid(rows=plan.single(10, 80), cols=plan.single(16, 128))
+    assert engine.input_rows(spec, "decode", "shard", one, 10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert engine.input_rows(spec, "decode", "patch", one, 10, 3, halo=2) == [(0, 6), (2, 9), (5, 10)]
+    assert engine.input_rows(spec, "encode", "shard", one, 80, 2) == [(0, 40), (40, 80)]  # pixel rows, 8 per latent
+    assert engine.input_rows(spec, "decode", "shard", one, 2, 4) == [(0, 1), (1, 2), (0, 0), (0, 0)]
+    assert engine.input_rows(spec, "decode", "none", one, 10, 2) == [(0, 10), (0, 0)]
+    # tiles of 32 latents at stride 24 (rows 0:32, 24:56, 48:64); rank 0 owns tiles 0, 1 and 3
+    assert plan.assign(grid.weights(), 2) == (0, 0, 1, 0, 1, 1, 1, 1, 1)
+    assert engine.input_rows(spec, "decode", "tiled", grid, 64, 2) == [(0, 56), (0, 64)]

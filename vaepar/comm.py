@@ -157,6 +157,25 @@ class Comm:
         buf = tensor.to(self.device).contiguous() if tensor is not None else torch.empty(shape, dtype=dtype, device=self.device)
         return self.broadcast_from(0, buf)
 
+    def scatter_rows(self, tensor: torch.Tensor | None, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, each receiving only its span of rows (dim -2):
+        elsewhere the rows are NaN, so that reading one it was not sent cannot pass unnoticed."""
+        if self.world == 1:
+            assert tensor is not None
+            return tensor.to(self.device)
+        shape, dtype = self.broadcast_object((tuple(tensor.shape), tensor.dtype) if tensor is not None else None)
+        if self.rank == 0:
+            assert tensor is not None
+            self.exchange([(r, tensor[..., a:b, :]) for r, (a, b) in enumerate(spans) if r and b > a], [])
+            return tensor.to(self.device)
+        out = torch.full(shape, float("nan"), dtype=dtype, device=self.device)
+        a, b = spans[self.rank]
+        if b > a:
+            rows = torch.empty((*shape[:-2], b - a, shape[-1]), dtype=dtype, device=self.device)
+            self.exchange([], [(0, rows)])
+            out[..., a:b, :] = rows
+        return out
+
     def broadcast_from(self, src: int, buf: torch.Tensor) -> torch.Tensor:
         """Rank ``src``'s ``buf`` into every rank's ``buf`` (same shape and dtype everywhere)."""
         if self.world > 1:

@@ -79,6 +79,26 @@ def check_shardable(family: Family) -> None:
                           "use --strategy tiled or patch")
 
 
+def input_rows(spec: ModelSpec, task: str, strategy: str, grid: plan.Grid, rows: int, world: int,
+               halo: int = 8) -> list[tuple[int, int]]:
+    """Per rank, the span of input rows (dim -2 of the tensor :func:`execute` takes) that its share
+    reads: its band (with ``patch``'s margin), or the rows of the tiles it owns; (0, 0) for a rank
+    with nothing to do. The same on every rank."""
+    if strategy in BANDED:
+        unit = spec.scale // spec.patch_size if task == "encode" else 1
+        units = latent_rows(spec, task, rows)
+        margin = halo if strategy == "patch" else 0
+        spans = [(max(0, a - margin) * unit, min(units, b + margin) * unit) for a, b in plan.bands(units, world)]
+        return spans + [(0, 0)] * (world - len(spans))
+    owners = plan.assign(grid.weights(), world)
+    spans = []
+    for rank in range(world):
+        mine = [grid.position(t)[0] for t in range(grid.count) if owners[t] == rank]
+        r = grid.rows
+        spans.append((min(r.starts[i] for i in mine), max(r.starts[i] + r.sizes[i] for i in mine)) if mine else (0, 0))
+    return spans
+
+
 def _no_tick(n: int) -> None:
     pass
 

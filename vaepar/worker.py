@@ -188,7 +188,7 @@ class Worker:
                 self.writer.make_room()  # inside _on_rank0: an earlier failed write stops every rank
             return self._read_latents(j)
 
-        z = self.comm.broadcast(self._on_rank0(read, job))
+        z = self._spread(self._on_rank0(read, job), "decode")
         done = self.decode_tensor(z, str(job.source), pixels=outputs.wants_pixels(job.output))
         if done is None:
             return None
@@ -198,6 +198,14 @@ class Worker:
         self._write(job.output, done.tensor, report)
         report.seconds = clock.elapsed()
         return report
+
+    def _spread(self, x: torch.Tensor | None, task: str) -> torch.Tensor:
+        """Rank 0's input ``x`` on every rank, each receiving only the rows its share of the job
+        reads (:func:`engine.input_rows`, planned alike on every rank from the shape)."""
+        shape = self.comm.broadcast_object(tuple(x.shape) if x is not None else None)
+        strategy, grid = plan_job(self.cfg, task, shape, self.comm.world)
+        spans = engine.input_rows(self.cfg.model, task, strategy, grid, shape[-2], self.comm.world, self.cfg.halo)
+        return self.comm.scatter_rows(x, spans)
 
     def _write(self, path: Path, sample: torch.Tensor, report: JobReport) -> None:
         """Write ``sample`` to ``path`` (on the writer's thread, if any), listing the files in ``report``."""
@@ -228,7 +236,7 @@ class Worker:
         """Encode one file; rank 0 writes the latents and returns the report."""
         clock = Stopwatch()
         x, meta = self._on_rank0(self._read_pixels, job) or (None, {})
-        x = self.comm.broadcast(x)
+        x = self._spread(x, "encode")
         done = self.encode_tensor(x, str(job.source))
         if done is None:
             return None
