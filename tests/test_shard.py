@@ -8,8 +8,9 @@
 * Units: halo convolutions and the GroupNorm statistics on bands in one process; in one 3-rank
   launch, ``Context.exchange_rows``, the conv wrappers, ``ShardGroupNorm`` (one collective per
   norm; float32 and bfloat16 bands with wildly different statistics), ``QuerySplitAttention`` (one
-  K/V gather per layer, each rank's queries only), ``GatheredAttention`` and ``HaloCausalConv3d``
-  on bands of known tensors over real gloo traffic.
+  K/V gather per layer, each rank's queries only), ``FrameSplitAttention`` (Wan's per-frame
+  attention, split the same way) and ``HaloCausalConv3d`` on bands of known tensors over real gloo
+  traffic.
 * ``patch`` and ``tiled``: their error against untiled, measured; patch's falls as its margin grows
   and is zero once the margin covers the input.
 * ``shard.install`` is inert outside shard runs.
@@ -514,9 +515,9 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
     shard.install(wrapped)
     expected = {"conv k3": shard.HaloConv2d, "downsample2d": shard._ShardDownsample,
                 "wan resample": shard.HaloConv2d, "group norm": shard.ShardGroupNorm,
-                "kl attention": shard.QuerySplitAttention, "wan attention": shard.GatheredAttention,
+                "kl attention": shard.QuerySplitAttention, "wan attention": shard.FrameSplitAttention,
                 "causal conv3d": shard.HaloCausalConv3d}
-    assert all(isinstance(wrapped[k], t) for k, t in expected.items())
+    assert all(type(wrapped[k]) is t for k, t in expected.items())
 
     x4, x5, cache = torch.randn(2, 16, 14, 6), torch.randn(2, 16, 3, 14, 6), torch.randn(2, 16, 2, 14, 6)
     spread = x4.clone()

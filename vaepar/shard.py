@@ -4,7 +4,8 @@
 diffusers model's convolutions, GroupNorms and attention blocks for wrappers that, inside
 :func:`sharding`, exchange halo rows with the neighbouring bands, merge GroupNorm statistics over
 all bands (one collective per norm), and run attention with each band's queries over every band's
-keys and values (diffusers' ``Attention``) or over the gathered bands (other attention blocks).
+keys and values (diffusers' ``Attention``, Wan's per-frame attention) or over the gathered bands
+(other attention blocks).
 Outside :func:`sharding` each wrapper calls the module it wraps, so the same model still runs
 untiled (and tiled) bit for bit as before.
 
@@ -494,6 +495,31 @@ def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
 
 
+class FrameSplitAttention(GatheredAttention):
+    """Per-frame attention of the ``frame_attention`` interface, split by queries:
+    :func:`split_frame_attention`."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if _current is None or args or kwargs or x.ndim != 5:
+            return super().forward(x, *args, **kwargs)
+        return split_frame_attention(self.block, x, _current)
+
+
+def split_frame_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The block's arithmetic on this band's queries: per-pixel norm and q, k, v of the band's
+    rows, every band's keys and values gathered once (a frame's tokens are its rows in order), the
+    band's queries attending over all of them, projection and residual on the band."""
+    b, c, t, h, w = x.shape
+    frames = block.norm(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    qkv = block.to_qkv(frames).reshape(b * t, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
+    q, k, v = qkv.chunk(3, dim=-1)
+    kv, _ = ctx.gather_rows(torch.cat([k, v], dim=-1))  # (b*t, 1, all tokens, 2c)
+    k, v = kv.split(c, dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = block.proj(out.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+    return out.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + x
+
+
 def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
     """Swap the model's modules for band-aware wrappers, in place; returns how many were swapped.
 
@@ -502,7 +528,8 @@ def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
     from vaepar.families import all_shard_leaves
 
     leaves = leaves if leaves is not None else all_shard_leaves()
-    inside_attention = {id(d) for m in model.modules() if isinstance(m, leaves.attention) for d in m.modules()}
+    blocks = leaves.attention + leaves.frame_attention
+    inside_attention = {id(d) for m in model.modules() if isinstance(m, blocks) for d in m.modules()}
     swapped = 0
     for parent in list(model.modules()):
         if id(parent) in inside_attention or isinstance(parent, _Wrapper):
@@ -520,6 +547,8 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
 
     if isinstance(m, leaves.attention):
         return QuerySplitAttention(m) if _is_diffusers_attention(m) else GatheredAttention(m)
+    if isinstance(m, leaves.frame_attention):
+        return FrameSplitAttention(m)
     if isinstance(m, leaves.causal_convs):  # 1x1x1: no padding, so no exchange and no buffer
         return HaloCausalConv3d(m) if any(m._padding) else None
     if isinstance(m, leaves.padded_convs):

@@ -26,6 +26,10 @@ class ShardLeaves:
     """Attention blocks over all rows: diffusers' ``Attention`` is split by queries (each rank
     attends with its band's queries over all bands' keys and values); any other block runs on the
     gathered rows on each rank, which keeps its band."""
+    frame_attention: tuple[type, ...] = ()
+    """Single-head attention within each frame over all its pixels: a per-pixel ``norm``, a 1x1
+    ``to_qkv`` convolution, then a 1x1 ``proj`` and the residual (Wan's ``WanAttentionBlock``
+    interface); split by queries like diffusers' ``Attention``."""
     causal_convs: tuple[type, ...] = ()
     """Causal 3-D convolutions with a time cache (Wan's ``WanCausalConv3d`` interface)."""
     padded_convs: tuple[type, ...] = ()

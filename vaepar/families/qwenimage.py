@@ -38,7 +38,7 @@ class QwenImageFamily(WanFamily):
             QwenImageCausalConv3d,
         )
 
-        return ShardLeaves(attention=(QwenImageAttentionBlock,), causal_convs=(QwenImageCausalConv3d,))
+        return ShardLeaves(frame_attention=(QwenImageAttentionBlock,), causal_convs=(QwenImageCausalConv3d,))
 
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         if z.ndim == 4:

@@ -88,7 +88,7 @@ class WanFamily(Family):
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 
-        return ShardLeaves(attention=(WanAttentionBlock,), causal_convs=(WanCausalConv3d,))
+        return ShardLeaves(frame_attention=(WanAttentionBlock,), causal_convs=(WanCausalConv3d,))
 
     @classmethod
     def prepare_pixels(cls, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
