@@ -8,7 +8,6 @@ grid (pure, the same on every rank); :func:`execute` runs it: ``none`` and ``til
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -63,15 +62,10 @@ def part_count(strategy: str, grid: plan.Grid, rows: int, world: int) -> int:
     return len(plan.bands(rows, world)) if strategy in BANDED else grid.count
 
 
-_UNHANDLED: weakref.WeakKeyDictionary[torch.nn.Module, list[str]] = weakref.WeakKeyDictionary()
-
-
 def check_shardable(family: Family) -> None:
     """Refuse ``shard`` for a model that the wrappers cannot split exactly (the same on every rank:
     it depends on the model alone), naming what stands in the way."""
-    if family.vae not in _UNHANDLED:  # the model's structure: found once per loaded model
-        _UNHANDLED[family.vae] = shard.unhandled(family.vae)
-    problems = family.shard_refusals() + _UNHANDLED[family.vae]
+    problems = family.shard_refusals() + shard.unhandled(family.vae)  # a walk of the modules (~1.5 ms for SD): kept per job, as the model may change between jobs
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise VaeparError(f"--strategy shard cannot split this {family.spec.class_name} exactly: "
