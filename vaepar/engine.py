@@ -65,7 +65,8 @@ def part_count(strategy: str, grid: plan.Grid, rows: int, world: int) -> int:
 def check_shardable(family: Family) -> None:
     """Refuse ``shard`` for a model that the wrappers cannot split exactly (the same on every rank:
     it depends on the model alone), naming what stands in the way."""
-    problems = family.shard_refusals() + shard.unhandled(family.vae)  # a walk of the modules (~1.5 ms for SD): kept per job, as the model may change between jobs
+    # walked every job (~1.5 ms for SD): a caller may swap modules between jobs
+    problems = family.shard_refusals() + shard.unhandled(family.vae)
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise VaeparError(f"--strategy shard cannot split this {family.spec.class_name} exactly: "
