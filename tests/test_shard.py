@@ -9,8 +9,8 @@
   launch, ``Context.exchange_rows``, the conv wrappers, ``ShardGroupNorm`` (one collective per
   norm; float32 and bfloat16 bands with wildly different statistics), ``QuerySplitAttention`` (one
   K/V gather per layer, each rank's queries only), ``FrameSplitAttention`` (Wan's per-frame
-  attention, split the same way) and ``HaloCausalConv3d`` on bands of known tensors over real gloo
-  traffic.
+  attention, split the same way), ``CausalSplitAttention`` (HunyuanVideo 1.5's frame-causal
+  attention) and ``HaloCausalConv3d`` on bands of known tensors over real gloo traffic.
 * ``patch`` and ``tiled``: their error against untiled, measured; patch's falls as its margin grows
   and is zero once the margin covers the input.
 * ``shard.install`` is inert outside shard runs.
@@ -487,6 +487,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
     """On every rank: the band wrappers over real exchanges on bands of known tensors; rank 0
     returns {piece: (max error over ranks, max |reference|)}."""
     from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import HunyuanVideo15AttnBlock
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
     from diffusers.models.downsampling import Downsample2D
 
@@ -503,19 +504,21 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
         "group norm": nn.GroupNorm(4, 16),
         "kl attention": kl.decoder.mid_block.attentions[0],
         "wan attention": WanAttentionBlock(16),
+        "hv15 attention": HunyuanVideo15AttnBlock(16),
         "causal conv3d": WanCausalConv3d(16, 8, 3, padding=1),
     }
     with torch.no_grad():  # affine GroupNorm and non-trivial Wan attention weights
         gn = originals["group norm"]
         gn.weight.copy_(torch.randn(16) * 0.5 + 1.0)
         gn.bias.copy_(torch.randn(16) * 0.5)
-        for p in originals["wan attention"].parameters():
+        for p in (*originals["wan attention"].parameters(), *originals["hv15 attention"].parameters()):
             p.copy_(torch.randn_like(p) * 0.5)
     wrapped = nn.ModuleDict(originals.copy())
     shard.install(wrapped)
     expected = {"conv k3": shard.HaloConv2d, "downsample2d": shard._ShardDownsample,
                 "wan resample": shard.HaloConv2d, "group norm": shard.ShardGroupNorm,
                 "kl attention": shard.QuerySplitAttention, "wan attention": shard.FrameSplitAttention,
+                "hv15 attention": shard.CausalSplitAttention,
                 "causal conv3d": shard.HaloCausalConv3d}
     assert all(type(wrapped[k]) is t for k, t in expected.items())
 
@@ -536,7 +539,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
                 want = F.pad(x, (0, 0, top, bottom))[..., a : b + top + bottom, :]
                 check(f"exchange_rows {x.ndim}-D ({top},{bottom})", got, want)
         for name, x in (("conv k3", x4), ("downsample2d", x4), ("wan resample", x4), ("group norm", spread),
-                        ("kl attention", x4), ("wan attention", x5)):
+                        ("kl attention", x4), ("wan attention", x5), ("hv15 attention", x5[:1])):
             full = originals[name](x)
             rows = full.shape[-2] * a // x.shape[-2], full.shape[-2] * b // x.shape[-2]
             with shard.sharding(ctx):
@@ -645,7 +648,8 @@ def staged_probes(comm: Comm, originals: dict[str, nn.Module], wrapped: nn.Modul
     errs = {}
     with torch.no_grad():
         for name, x, args in (("conv k3", x4, ()), ("group norm", spread, ()), ("kl attention", x4, ()),
-                              ("wan attention", x5, ()), ("causal conv3d", x5, (None,))):
+                              ("wan attention", x5, ()), ("hv15 attention", x5[:1], ()),
+                              ("causal conv3d", x5, (None,))):
             got = []
             for c in (comm, staged):
                 with shard.sharding(shard.Context(comm=c, index=comm.rank, active=comm.world)):
@@ -664,7 +668,8 @@ def test_distributed_pieces_on_three_ranks(launched: Callable[[int], dict[str, A
         elif not name.startswith("("):
             assert err <= 1e-4 * max(1.0, scale), name
     assert probes["(local group norm)"][0] > 1.0 and probes["(local kl attention)"][0] > 1e-2
-    assert probes["(gathers, reductions)"] == (2.0, 2.0)  # 1 per norm; KL attention: 1 gather + its norm's
+    # 1 reduction per norm (group norm; KL attention's own); 1 K/V gather per attention (KL, Wan, HV15)
+    assert probes["(gathers, reductions)"] == (3.0, 2.0)
 
     # The one-collective GroupNorm on wildly different bands, and the query-split attention.
     assert probes["(group norm calls, collectives)"] == (2.0, 2.0)

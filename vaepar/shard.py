@@ -4,8 +4,8 @@
 diffusers model's convolutions, GroupNorms and attention blocks for wrappers that, inside
 :func:`sharding`, exchange halo rows with the neighbouring bands, merge GroupNorm statistics over
 all bands (one collective per norm), and run attention with each band's queries over every band's
-keys and values (diffusers' ``Attention``, Wan's per-frame attention) or over the gathered bands
-(other attention blocks).
+keys and values (diffusers' ``Attention``, Wan's per-frame and HunyuanVideo 1.5's frame-causal
+attention) or over the gathered bands (other attention blocks).
 Outside :func:`sharding` each wrapper calls the module it wraps, so the same model still runs
 untiled (and tiled) bit for bit as before.
 
@@ -520,6 +520,37 @@ def split_frame_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> to
     return out.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + x
 
 
+class CausalSplitAttention(GatheredAttention):
+    """Frame-causal attention of the ``causal_attention`` interface, split by queries:
+    :func:`split_causal_attention`."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if _current is None or args or kwargs or x.ndim != 5:
+            return super().forward(x, *args, **kwargs)
+        return split_causal_attention(self.block, x, _current)
+
+
+def split_causal_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The block's arithmetic on this band's queries: per-pixel norm and q, k, v of the band's
+    rows, every band's keys and values gathered once (all frames), each query attending to the
+    pixels of its own frame and the frames before (the block's causal mask, built from frame
+    indices), projection and residual on the band."""
+    y = block.norm(x)
+    q = block.to_q(y)
+    kv, _ = ctx.gather_rows(torch.cat([block.to_k(y), block.to_v(y)], dim=1))  # (B, 2C, T, all rows, W)
+    k, v = kv.chunk(2, dim=1)
+    b, c, t, h, w = q.shape
+
+    def tokens(z: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, 1, T*H*W, C), frame-major
+        return z.reshape(b, c, -1).permute(0, 2, 1).unsqueeze(1)
+
+    frame_of = torch.arange(t, device=x.device)
+    mask = frame_of.repeat_interleave(h * w)[:, None] >= frame_of.repeat_interleave(k.shape[-2] * w)[None, :]
+    out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=mask)
+    out = out.squeeze(1).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+    return block.proj_out(out) + x
+
+
 def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
     """Swap the model's modules for band-aware wrappers, in place; returns how many were swapped.
 
@@ -528,7 +559,7 @@ def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
     from vaepar.families import all_shard_leaves
 
     leaves = leaves if leaves is not None else all_shard_leaves()
-    blocks = leaves.attention + leaves.frame_attention
+    blocks = leaves.attention + leaves.frame_attention + leaves.causal_attention
     inside_attention = {id(d) for m in model.modules() if isinstance(m, blocks) for d in m.modules()}
     swapped = 0
     for parent in list(model.modules()):
@@ -549,6 +580,8 @@ def _wrap(m: nn.Module, leaves: ShardLeaves) -> nn.Module | None:
         return QuerySplitAttention(m) if _is_diffusers_attention(m) else GatheredAttention(m)
     if isinstance(m, leaves.frame_attention):
         return FrameSplitAttention(m)
+    if isinstance(m, leaves.causal_attention):
+        return CausalSplitAttention(m)
     if isinstance(m, leaves.causal_convs):  # 1x1x1: no padding, so no exchange and no buffer
         return HaloCausalConv3d(m) if any(m._padding) else None
     if isinstance(m, leaves.padded_convs):

@@ -30,6 +30,10 @@ class ShardLeaves:
     """Single-head attention within each frame over all its pixels: a per-pixel ``norm``, a 1x1
     ``to_qkv`` convolution, then a 1x1 ``proj`` and the residual (Wan's ``WanAttentionBlock``
     interface); split by queries like diffusers' ``Attention``."""
+    causal_attention: tuple[type, ...] = ()
+    """Single-head attention over all pixels of all frames, each frame attending to itself and the
+    frames before it: a per-pixel ``norm``, 1x1x1 ``to_q``/``to_k``/``to_v``, ``proj_out`` and the
+    residual (HunyuanVideo 1.5's ``HunyuanVideo15AttnBlock`` interface); split by queries."""
     causal_convs: tuple[type, ...] = ()
     """Causal 3-D convolutions with a time cache (Wan's ``WanCausalConv3d`` interface)."""
     padded_convs: tuple[type, ...] = ()

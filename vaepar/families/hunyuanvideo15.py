@@ -64,7 +64,7 @@ class HunyuanVideo15Family(KLFamily):
             HunyuanVideo15CausalConv3d,
         )
 
-        return ShardLeaves(attention=(HunyuanVideo15AttnBlock,), padded_convs=(HunyuanVideo15CausalConv3d,))
+        return ShardLeaves(causal_attention=(HunyuanVideo15AttnBlock,), padded_convs=(HunyuanVideo15CausalConv3d,))
 
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         out = _per_sample(self.vae.decoder, z)
