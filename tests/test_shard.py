@@ -487,7 +487,10 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
     """On every rank: the band wrappers over real exchanges on bands of known tensors; rank 0
     returns {piece: (max error over ranks, max |reference|)}."""
     from diffusers import AutoencoderKL
-    from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import HunyuanVideo15AttnBlock
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import (
+        HunyuanVideo15AttnBlock,
+        HunyuanVideo15CausalConv3d,
+    )
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
     from diffusers.models.downsampling import Downsample2D
 
@@ -505,6 +508,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
         "kl attention": kl.decoder.mid_block.attentions[0],
         "wan attention": WanAttentionBlock(16),
         "hv15 attention": HunyuanVideo15AttnBlock(16),
+        "hv15 conv3d": HunyuanVideo15CausalConv3d(16, 8, 3),  # pads rows by replication at the edges
         "causal conv3d": WanCausalConv3d(16, 8, 3, padding=1),
     }
     with torch.no_grad():  # affine GroupNorm and non-trivial Wan attention weights
@@ -518,7 +522,7 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
     expected = {"conv k3": shard.HaloConv2d, "downsample2d": shard._ShardDownsample,
                 "wan resample": shard.HaloConv2d, "group norm": shard.ShardGroupNorm,
                 "kl attention": shard.QuerySplitAttention, "wan attention": shard.FrameSplitAttention,
-                "hv15 attention": shard.CausalSplitAttention,
+                "hv15 attention": shard.CausalSplitAttention, "hv15 conv3d": shard.HaloPaddedConv3d,
                 "causal conv3d": shard.HaloCausalConv3d}
     assert all(type(wrapped[k]) is t for k, t in expected.items())
 
@@ -538,8 +542,14 @@ def dist_probes(comm: Comm) -> dict[str, tuple[float, float]] | None:
                 got = ctx.exchange_rows(x[..., a:b, :], top, bottom)
                 want = F.pad(x, (0, 0, top, bottom))[..., a : b + top + bottom, :]
                 check(f"exchange_rows {x.ndim}-D ({top},{bottom})", got, want)
+        for mode in ("replicate", "reflect"):
+            for top, bottom in ((1, 1), (2, 2), (0, 1)):
+                got = ctx.exchange_rows(x4[..., a:b, :], top, bottom, mode)
+                want = F.pad(x4, (0, 0, top, bottom), mode=mode)[..., a : b + top + bottom, :]
+                check(f"exchange_rows {mode} ({top},{bottom})", got, want)
         for name, x in (("conv k3", x4), ("downsample2d", x4), ("wan resample", x4), ("group norm", spread),
-                        ("kl attention", x4), ("wan attention", x5), ("hv15 attention", x5[:1])):
+                        ("kl attention", x4), ("wan attention", x5), ("hv15 attention", x5[:1]),
+                        ("hv15 conv3d", x5)):
             full = originals[name](x)
             rows = full.shape[-2] * a // x.shape[-2], full.shape[-2] * b // x.shape[-2]
             with shard.sharding(ctx):

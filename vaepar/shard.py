@@ -74,14 +74,21 @@ class Context:
         reflect)."""
         if top == 0 and bottom == 0:
             return x
-        above, below = self.halos(x, top, bottom)
+        above, below = self.edges(x, *self.halos(x, top, bottom), mode)
+        return torch.cat([above, x, below], dim=-2)
+
+    def edges(self, x: torch.Tensor, above: torch.Tensor, below: torch.Tensor,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The halo rows received for band ``x``, with those past the global top and bottom edges
+        (zeros as received) replaced by the rows ``F.pad`` adds in ``mode``."""
+        top, bottom = above.shape[-2], below.shape[-2]
         first, last = self.index == 0, self.index == self.active - 1
         if mode != "zeros" and first and top:  # rows 1..top of the whole input: this band's, then the next's
             above = edge_rows(x if last else torch.cat([x[..., : top + 1, :], below], dim=-2), top, mode, at_top=True)
         if mode != "zeros" and last and bottom:
             below = edge_rows(x if first else torch.cat([above, x[..., -bottom - 1 :, :]], dim=-2), bottom, mode,
                               at_top=False)
-        return torch.cat([above, x, below], dim=-2)
+        return above, below
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the active ranks (in place)."""
@@ -271,6 +278,8 @@ class HaloPaddedConv3d(_Wrapper):
         m = self.inner
         left, right, top, bottom, front, back = m.time_causal_padding
         x = F.pad(x, (left, right, 0, 0, front, back), mode=m.pad_mode)
+        if top == bottom and m.conv.padding == (0, 0, 0) and _overlappable(m.conv, x, top):
+            return _overlapped_conv3d(m.conv, x, top, m.pad_mode)
         return m.conv(_current.exchange_rows(x, top, bottom, m.pad_mode))
 
 
@@ -296,8 +305,33 @@ class HaloEdgeFrameConv3d(_Wrapper):
         mode = c.padding_mode
         if left:
             x = F.pad(x, (left, left, 0, 0, 0, 0), mode="constant" if mode == "zeros" else mode)
+        if _overlappable(c, x, top):
+            return _overlapped_conv3d(c, x, top, mode)
         x = _current.exchange_rows(x, top, top, mode)
         return F.conv3d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+def _overlappable(conv: nn.Conv3d, x: torch.Tensor, p: int) -> bool:
+    """Whether ``conv`` over ``x`` padded by ``p`` rows at each end can take its halo after the
+    fact (:func:`_overlapped_conv3d`): a ``2p + 1``-row kernel, stride and dilation 1 along H, and a
+    band of at least ``2p`` rows."""
+    return (p > 0 and conv.kernel_size[1] == 2 * p + 1 and conv.stride[1] == 1 and conv.dilation[1] == 1
+            and x.shape[-2] >= 2 * p)
+
+
+def _overlapped_conv3d(conv: nn.Conv3d, x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
+    """``conv`` over ``x`` (already padded in time and width) with ``p`` halo rows at each end: the
+    exchange travels while the band is convolved with zero rows, then the ``p`` output rows at each
+    end are redone with the neighbours' rows (past the global edges: ``mode``'s)."""
+    k = conv.kernel_size[1]
+    posted = _current.post_halos(x, p, p)
+    out = F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, p, 0), conv.dilation, conv.groups)
+    above, below = _current.edges(x, *posted.wait(), mode)
+    top = torch.cat([above, x[..., : k - 1, :]], dim=-2)
+    bottom = torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)
+    out[..., :p, :] = F.conv3d(top, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    out[..., -p:, :] = F.conv3d(bottom, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    return out
 
 
 def edge_rows(x: torch.Tensor, n: int, mode: str, *, at_top: bool) -> torch.Tensor:
