@@ -529,16 +529,6 @@ def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
 
 
-class FrameSplitAttention(GatheredAttention):
-    """Per-frame attention of the ``frame_attention`` interface, split by queries:
-    :func:`split_frame_attention`."""
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if _current is None or args or kwargs or x.ndim != 5:
-            return super().forward(x, *args, **kwargs)
-        return split_frame_attention(self.block, x, _current)
-
-
 def split_frame_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
     """The block's arithmetic on this band's queries: per-pixel norm and q, k, v of the band's
     rows, every band's keys and values gathered once (a frame's tokens are its rows in order), the
@@ -552,16 +542,6 @@ def split_frame_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> to
     out = F.scaled_dot_product_attention(q, k, v)
     out = block.proj(out.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
     return out.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + x
-
-
-class CausalSplitAttention(GatheredAttention):
-    """Frame-causal attention of the ``causal_attention`` interface, split by queries:
-    :func:`split_causal_attention`."""
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if _current is None or args or kwargs or x.ndim != 5:
-            return super().forward(x, *args, **kwargs)
-        return split_causal_attention(self.block, x, _current)
 
 
 def split_causal_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -583,6 +563,30 @@ def split_causal_attention(block: nn.Module, x: torch.Tensor, ctx: Context) -> t
     out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=mask)
     out = out.squeeze(1).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
     return block.proj_out(out) + x
+
+
+class _VideoSplitAttention(GatheredAttention):
+    """A video attention block (``(B, C, T, H, W)`` in and out) split by queries with ``split``;
+    any other call runs gathered."""
+
+    split: ClassVar[Callable[[nn.Module, torch.Tensor, Context], torch.Tensor]]
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if _current is None or args or kwargs or x.ndim != 5:
+            return super().forward(x, *args, **kwargs)
+        return type(self).split(self.block, x, _current)
+
+
+class FrameSplitAttention(_VideoSplitAttention):
+    """Per-frame attention of the ``frame_attention`` interface: :func:`split_frame_attention`."""
+
+    split = staticmethod(split_frame_attention)
+
+
+class CausalSplitAttention(_VideoSplitAttention):
+    """Frame-causal attention of the ``causal_attention`` interface: :func:`split_causal_attention`."""
+
+    split = staticmethod(split_causal_attention)
 
 
 def install(model: nn.Module, leaves: ShardLeaves | None = None) -> int:
