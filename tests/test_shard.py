@@ -352,6 +352,11 @@ class BandSim:
     def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> shard.Posted:
         return shard.Posted(lambda: None, self.halos(x, top, bottom))
 
+    def edges(self, x: torch.Tensor, above: torch.Tensor, below: torch.Tensor,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert mode == "zeros", "the simulated bands pad with zeros only"
+        return above, below
+
 
 CONV_CASES = ("k1_s1", "k3_s1", "k1_s2", "k3_s2_pad1", "k3_s2_downsample", "k3_s2_wan_resample")
 ROW_BANDS = [(0, 1), (1, 6), (6, 14)]   # 14 rows, uneven, one band a single row

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -173,31 +174,22 @@ class HaloConv2d(_Wrapper):
         if _current is None:
             return self.inner(x)
         c = self.conv
-        if self._pads_evenly() and x.shape[-2] >= c.kernel_size[0] - 1:
-            return self._patched(x)
+        if self._pads_evenly() and _overlappable(c, x, self.pad[0]):
+            return _overlapped(self._convolve, x, self.pad[0], c.kernel_size[0])
         x = _current.exchange_rows(x, *self.pad)
         if self.w_pad != (0, 0):
             x = F.pad(x, self.w_pad)
-        return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+        return self._convolve(x, 0)
 
     def _pads_evenly(self) -> bool:
         c = self.conv
         return (self.w_pad == (0, 0) and self.pad[0] == self.pad[1] == c.padding[0] > 0
                 and c.padding_mode == "zeros" and c.stride == (1, 1) and c.dilation == (1, 1))
 
-    def _patched(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve the band with zero padding while its neighbours' rows travel, then redo the
-        ``p`` rows at each end with them: the exchange hides behind the band's interior, and no
-        padded copy of the band is made (a rank holds about 1/N of the untiled layer's memory)."""
-        c, p, k = self.conv, self.pad[0], self.conv.kernel_size[0]
-        posted = _current.post_halos(x, p, p)
-        out = c(x)
-        above, below = posted.wait()
-        edge = (0, c.padding[1])
-        out[..., :p, :] = F.conv2d(torch.cat([above, x[..., : k - 1, :]], dim=-2), c.weight, c.bias, 1, edge)
-        out[..., -p:, :] = F.conv2d(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2),
-                                    c.weight, c.bias, 1, edge)
-        return out
+    def _convolve(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The convolution with ``rows`` of zero padding along H (its own along W)."""
+        c = self.conv
+        return F.conv2d(x, c.weight, c.bias, c.stride, (rows, c.padding[1]), c.dilation, c.groups)
 
 
 class HaloCausalConv3d(_Wrapper):
@@ -217,26 +209,14 @@ class HaloCausalConv3d(_Wrapper):
         pw, _, top, bottom, front, _ = c._padding
         cache = cache_x.to(x.device) if cache_x is not None and front > 0 else None
         buf, sent = _time_padded(x, cache, pw, front)
-        if top == bottom > 0 and c.kernel_size[1] == 2 * top + 1 and x.shape[-2] >= 2 * top and c.stride[1] == 1 \
-                and c.dilation[1] == 1:
-            return self._patched(buf, sent, top)
+        data = buf[..., sent, :, pw : buf.shape[-1] - pw]  # what the neighbours exchange
+        if top == bottom and _overlappable(c, buf, top):
+            return _overlapped(partial(_conv3d, c), buf, top, c.kernel_size[1], part=data,
+                               embed=partial(_full_frames, buf, sent, pw))
         if top or bottom:
-            above, below = _current.halos(buf[..., sent, :, pw : buf.shape[-1] - pw], top, bottom)
+            above, below = _current.halos(data, top, bottom)
             buf = torch.cat([_full_frames(buf, sent, pw, above), buf, _full_frames(buf, sent, pw, below)], dim=-2)
-        return F.conv3d(buf, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
-
-    def _patched(self, buf: torch.Tensor, sent: slice, p: int) -> torch.Tensor:
-        """As :meth:`HaloConv2d._patched`: convolve with zero rows while the halo travels, then redo
-        the ``p`` rows at each end with the neighbours' rows."""
-        c, k, pw = self.conv, self.conv.kernel_size[1], self.conv._padding[0]
-        posted = _current.post_halos(buf[..., sent, :, pw : buf.shape[-1] - pw], p, p)
-        out = F.conv3d(buf, c.weight, c.bias, c.stride, (0, p, 0), c.dilation, c.groups)
-        above, below = posted.wait()
-        top = torch.cat([_full_frames(buf, sent, pw, above), buf[..., : k - 1, :]], dim=-2)
-        bottom = torch.cat([buf[..., buf.shape[-2] - k + 1 :, :], _full_frames(buf, sent, pw, below)], dim=-2)
-        out[..., :p, :] = F.conv3d(top, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
-        out[..., -p:, :] = F.conv3d(bottom, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
-        return out
+        return _conv3d(c, buf, 0)
 
 
 def _time_padded(x: torch.Tensor, cache: torch.Tensor | None, pw: int, front: int) -> tuple[torch.Tensor, slice]:
@@ -279,7 +259,7 @@ class HaloPaddedConv3d(_Wrapper):
         left, right, top, bottom, front, back = m.time_causal_padding
         x = F.pad(x, (left, right, 0, 0, front, back), mode=m.pad_mode)
         if top == bottom and m.conv.padding == (0, 0, 0) and _overlappable(m.conv, x, top):
-            return _overlapped_conv3d(m.conv, x, top, m.pad_mode)
+            return _overlapped(partial(_conv3d, m.conv), x, top, m.conv.kernel_size[1], mode=m.pad_mode)
         return m.conv(_current.exchange_rows(x, top, bottom, m.pad_mode))
 
 
@@ -306,31 +286,40 @@ class HaloEdgeFrameConv3d(_Wrapper):
         if left:
             x = F.pad(x, (left, left, 0, 0, 0, 0), mode="constant" if mode == "zeros" else mode)
         if _overlappable(c, x, top):
-            return _overlapped_conv3d(c, x, top, mode)
-        x = _current.exchange_rows(x, top, top, mode)
-        return F.conv3d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+            return _overlapped(partial(_conv3d, c), x, top, c.kernel_size[1], mode=mode)
+        return _conv3d(c, _current.exchange_rows(x, top, top, mode), 0)
 
 
-def _overlappable(conv: nn.Conv3d, x: torch.Tensor, p: int) -> bool:
-    """Whether ``conv`` over ``x`` padded by ``p`` rows at each end can take its halo after the
-    fact (:func:`_overlapped_conv3d`): a ``2p + 1``-row kernel, stride and dilation 1 along H, and a
+def _overlappable(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, p: int) -> bool:
+    """Whether ``conv`` over band ``x`` padded by ``p`` rows at each end can take its halo after
+    the fact (:func:`_overlapped`): a ``2p + 1``-row kernel, stride and dilation 1 along H, and a
     band of at least ``2p`` rows."""
-    return (p > 0 and conv.kernel_size[1] == 2 * p + 1 and conv.stride[1] == 1 and conv.dilation[1] == 1
+    return (p > 0 and conv.kernel_size[-2] == 2 * p + 1 and conv.stride[-2] == 1 and conv.dilation[-2] == 1
             and x.shape[-2] >= 2 * p)
 
 
-def _overlapped_conv3d(conv: nn.Conv3d, x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
-    """``conv`` over ``x`` (already padded in time and width) with ``p`` halo rows at each end: the
-    exchange travels while the band is convolved with zero rows, then the ``p`` output rows at each
-    end are redone with the neighbours' rows (past the global edges: ``mode``'s)."""
-    k = conv.kernel_size[1]
-    posted = _current.post_halos(x, p, p)
-    out = F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, p, 0), conv.dilation, conv.groups)
-    above, below = _current.edges(x, *posted.wait(), mode)
-    top = torch.cat([above, x[..., : k - 1, :]], dim=-2)
-    bottom = torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)
-    out[..., :p, :] = F.conv3d(top, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
-    out[..., -p:, :] = F.conv3d(bottom, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+def _conv3d(conv: nn.Conv3d, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``conv``'s weights over ``x`` (padded already in time and width) with ``rows`` of zero
+    padding along H."""
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, rows, 0), conv.dilation, conv.groups)
+
+
+def _overlapped(convolve: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, p: int, k: int, *,
+                mode: str = "zeros", part: torch.Tensor | None = None,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """A ``k``-row convolution (``convolve(input, zero rows of H padding)``) over band ``x`` with
+    ``p`` halo rows at each end, the exchange hidden behind it: the halo of ``x`` (or of ``part``,
+    its rows ``embed`` places back into ``x``'s shape) travels while the band is convolved with
+    zero rows; then the ``p`` output rows at each end are redone with the neighbours' rows (past
+    the global edges: ``mode``'s). No padded copy of the band is made."""
+    posted = _current.post_halos(x if part is None else part, p, p)
+    out = convolve(x, p)
+    above, below = posted.wait()
+    if embed is not None:
+        above, below = embed(above), embed(below)
+    above, below = _current.edges(x, above, below, mode)
+    out[..., :p, :] = convolve(torch.cat([above, x[..., : k - 1, :]], dim=-2), 0)
+    out[..., -p:, :] = convolve(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2), 0)
     return out
 
 
