@@ -274,7 +274,7 @@ def _plan_one(family: Family, bench: BenchConfig, strategy: str, n: int, x: torc
     bands = plan.bands(rows, n)
     sizes = [b - a for a, b in bands]
     if strategy == "patch":
-        spans = [(max(0, a - cfg.halo), min(rows, b + cfg.halo)) for a, b in bands]
+        spans = plan.widened(bands, cfg.halo, rows)
         big = max(spans, key=lambda s: s[1] - s[0])
         run = _meta_run(family, bench.task, x[..., big[0] * unit_in : big[1] * unit_in, :], None)
         loads = [b - a for a, b in spans]
@@ -301,11 +301,12 @@ def _plan_tiles(family: Family, task: str, x: torch.Tensor, grid: plan.Grid, ran
     loads = plan.loads(weights, owners, n)
     big = max(range(grid.count), key=lambda t: weights[t])
     by_shape: dict[tuple[int, ...], MetaRun] = {}  # tiles of one shape run alike
+    runs: dict[int, MetaRun] = {}
     for t in range(grid.count):
         part = tile_input(x, grid, t)
         if tuple(part.shape) not in by_shape:
             by_shape[tuple(part.shape)] = _meta_run(family, task, part, None)
-    runs = {t: by_shape[tuple(tile_input(x, grid, t).shape)] for t in range(grid.count)}
+        runs[t] = by_shape[tuple(part.shape)]
     y = runs[big].out
     attention = [0] * n
     for t, run in runs.items():

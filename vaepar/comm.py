@@ -134,7 +134,7 @@ class Comm:
 
     def all_reduce(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
         """Sum ``t`` over ``group`` (default: this comm's group), in place."""
-        buf = self._out(t) if self.staged else t
+        buf = self._out(t)
         dist.all_reduce(buf, group=group if group is not None else self.group)
         if buf is not t:
             t.copy_(buf)
@@ -179,7 +179,7 @@ class Comm:
     def broadcast_from(self, src: int, buf: torch.Tensor) -> torch.Tensor:
         """Rank ``src``'s ``buf`` into every rank's ``buf`` (same shape and dtype everywhere)."""
         if self.world > 1:
-            wire = self._out(buf) if self.staged else buf
+            wire = self._out(buf)
             dist.broadcast(wire, src=self.peer(src), group=self.group)
             if wire is not buf:
                 buf.copy_(wire)

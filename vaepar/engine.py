@@ -83,7 +83,7 @@ def input_rows(spec: ModelSpec, task: str, strategy: str, grid: plan.Grid, rows:
         unit = spec.scale // spec.patch_size if task == "encode" else 1
         units = latent_rows(spec, task, rows)
         margin = halo if strategy == "patch" else 0
-        spans = [(max(0, a - margin) * unit, min(units, b + margin) * unit) for a, b in plan.bands(units, world)]
+        spans = [(a * unit, b * unit) for a, b in plan.widened(plan.bands(units, world), margin, units)]
         return spans + [(0, 0)] * (world - len(spans))
     owners = plan.assign(grid.weights(), world)
     spans = []

@@ -248,6 +248,12 @@ def loads(weights: tuple[int, ...], owners: tuple[int, ...], nranks: int) -> lis
     return out
 
 
+def widened(bands: list[tuple[int, int]], margin: int, units: int) -> list[tuple[int, int]]:
+    """Each band with ``margin`` units more above and below, clipped to ``0..units`` (what ``patch``
+    runs the model on)."""
+    return [(max(0, a - margin), min(units, b + margin)) for a, b in bands]
+
+
 def bands(units: int, nranks: int) -> list[tuple[int, int]]:
     """Split ``units`` rows (latent rows, or pixel rows in steps of the model's scale) into
     contiguous, uneven bands, one per active rank: at most ``nranks``, never empty.

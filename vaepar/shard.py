@@ -717,7 +717,7 @@ def run(x: torch.Tensor, units: int, unit_in: int, unit_out_of: Callable[[int], 
         if halo is None:
             out = _shard_band(x, a, b, unit_in, fn, comm, len(bands), stats, groups)
         else:
-            lo, hi = max(0, a - halo), min(units, b + halo)
+            lo, hi = plan.widened(bands, halo, units)[comm.rank]
             full = fn(x[..., lo * unit_in : hi * unit_in, :])
             start = unit_out_of(a - lo)
             out = full[..., start : start + unit_out_of(b - a), :]

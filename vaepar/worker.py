@@ -427,7 +427,7 @@ def bench_work(strategy: str, grid: plan.Grid, rows: int, world: int, halo: int)
     if strategy == "tiled":
         return grid.amplification()
     if strategy == "patch":
-        return sum(min(rows, b + halo) - max(0, a - halo) for a, b in plan.bands(rows, world)) / rows
+        return sum(b - a for a, b in plan.widened(plan.bands(rows, world), halo, rows)) / rows
     return 1.0
 
 
