@@ -20,7 +20,7 @@ from rich.markup import escape
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E402 - after the environment
-from vaepar.comm import BACKENDS  # noqa: E402
+from vaepar.comm import backend_problem  # noqa: E402
 from vaepar.errors import InternalError, OptionError, VaeparError  # noqa: E402
 from vaepar.latents import Factors  # noqa: E402
 from vaepar.protocol import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -144,10 +144,8 @@ def _resolve_device(w: Workers) -> tuple[str, int]:
         raise OptionError(f"--device must be cpu or cuda, got '{device}'")
     if device == "cuda" and w.threads is not None:
         raise OptionError("--threads sets CPU threads per worker; it has no effect with --device cuda")
-    if w.backend not in (None, *BACKENDS):
-        raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, got '{w.backend}'")
-    if w.backend == "nccl" and device != "cuda":
-        raise OptionError("--backend nccl needs --device cuda (gloo runs CPU workers)")
+    if (problem := backend_problem(device, w.backend)) is not None:
+        raise OptionError(problem)
     if device == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

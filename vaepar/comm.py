@@ -22,16 +22,24 @@ from vaepar.errors import VaeparError
 BACKENDS = ("nccl", "gloo")
 
 
+def backend_problem(device_type: str, backend: str | None) -> str | None:
+    """Why ``backend`` cannot carry workers on ``device_type`` (None: it can, or none was asked for)."""
+    if backend is None:
+        return None
+    if backend not in BACKENDS:
+        return f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'"
+    if backend == "nccl" and device_type != "cuda":
+        return "--backend nccl needs --device cuda (gloo runs CPU workers)"
+    return None
+
+
 def backend_for(device_type: str, backend: str | None = None) -> str:
     """The collective backend for a device type: cuda -> nccl, cpu -> gloo; or ``backend`` when
     given (gloo on cuda: ranks may share a GPU, every transfer staged through host memory)."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        if backend == "nccl" and device_type != "cuda":
-            raise ValueError("the nccl backend needs --device cuda")
-        return backend
-    return "nccl" if device_type == "cuda" else "gloo"
+    problem = backend_problem(device_type, backend)
+    if problem is not None:
+        raise ValueError(problem)
+    return backend or ("nccl" if device_type == "cuda" else "gloo")
 
 
 def collective_timeout() -> timedelta:

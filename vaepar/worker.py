@@ -19,7 +19,7 @@ import torch
 
 from vaepar import compat, engine, latents, outputs, pixels, plan, shard
 from vaepar.engine import latent_rows
-from vaepar.comm import BACKENDS, Comm
+from vaepar.comm import Comm, backend_problem
 from vaepar.errors import OptionError, VaeparError
 from vaepar.latents import Factors
 from vaepar.report import JobReport, MemoryMeter, RankStats, Stopwatch, Ticker
@@ -56,8 +56,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise OptionError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.backend not in (None, *BACKENDS) or (self.backend == "nccl" and self.device != "cuda"):
-            raise OptionError(f"--backend {self.backend} cannot run on {self.device}; choose nccl (cuda) or gloo")
+        if (problem := backend_problem(self.device, self.backend)) is not None:
+            raise OptionError(problem)
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.strategy not in STRATEGIES:
