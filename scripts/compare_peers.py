@@ -70,6 +70,7 @@ class Settings:
     warmup: int
     tile_size: int
     methods: tuple[str, ...]
+    rounds: int = 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -80,8 +81,10 @@ class MethodResult:
     workers: int
     threads: int
     seconds: float | None = None
-    times: list[float] = field(default_factory=list)
-    peak_mem_bytes: list[int] = field(default_factory=list)  # per rank, rank order
+    times: list[float] = field(default_factory=list)  # every timed decode of every launch
+    peak_mem_bytes: list[int] = field(default_factory=list)  # per rank, rank order (median over launches)
+    launch_seconds: list[float] = field(default_factory=list)  # each launch's median, in launch order
+    launch_peaks: list[int] = field(default_factory=list)  # each launch's max-rank peak
     max_abs_err: float | None = None
     note: str = ""
 
@@ -194,17 +197,24 @@ def run_method(method: str, z: torch.Tensor, settings: Settings, comm: Comm) -> 
         gc.collect()
 
 
-def summarise(method: str, runs: list[RankRun], output: torch.Tensor | None, reference: torch.Tensor | None,
+def summarise(method: str, launches: list[dict[str, Any]], reference: torch.Tensor | None,
               settings: Settings) -> MethodResult:
-    """The row for ``method`` from every rank's (output-free) run and rank 0's output."""
-    result = MethodResult(method=method, workers=len(runs), threads=settings.threads)
-    errors = sorted({r.error for r in runs if r.error})
+    """The row for ``method`` from its launches (each: every rank's output-free run, rank 0's
+    output): times pooled over the launches, per-rank peaks the median over the launches."""
+    result = MethodResult(method=method, workers=len(launches[0]["runs"]), threads=settings.threads)
+    errors = sorted({r.error for one in launches for r in one["runs"] if r.error})
     if errors:
         result.note = "; ".join(errors)
         return result
-    result.times = runs[0].times
+    for one in launches:
+        runs = one["runs"]
+        result.times += runs[0].times
+        result.launch_seconds.append(statistics.median(runs[0].times))
+        result.launch_peaks.append(max(r.peak for r in runs))
     result.seconds = statistics.median(result.times)
-    result.peak_mem_bytes = [r.peak for r in runs]
+    per_rank = zip(*([r.peak for r in one["runs"]] for one in launches))
+    result.peak_mem_bytes = [int(statistics.median(peaks)) for peaks in per_rank]
+    output = launches[-1]["output"]
     if reference is not None and output is not None:
         result.max_abs_err = float((output.float() - reference.float()).abs().max())
     return result
@@ -230,15 +240,24 @@ def measure(method: str, settings: Settings, nproc: int) -> dict[str, Any]:
     return launch.run(launch.LaunchSpec(nproc=workers), worker_main, method, settings, isolated=True)
 
 
+def launch_order(methods: tuple[str, ...], rounds: int) -> list[str]:
+    """Every method once per round, the order reversed every other round (A B, B A, ...), so a
+    drift in the machine's speed over the run weighs on every method alike."""
+    return [m for r in range(rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
+
+
 def compare(settings: Settings, nproc: int) -> dict[str, Any]:
-    """Every method in turn; the errors against the untiled decode (run untimed when not asked for)."""
-    done = {m: measure(m, settings, nproc) for m in settings.methods}
+    """Every method in its launches; the errors against the untiled decode (run untimed when not
+    asked for)."""
+    done: dict[str, list[dict[str, Any]]] = {m: [] for m in settings.methods}
+    for method in launch_order(settings.methods, settings.rounds):
+        done[method].append(measure(method, settings, nproc))
     if "untiled" not in done:
         quick = Settings(**{**asdict(settings), "repeats": 1, "warmup": 0})
-        done["untiled"] = measure("untiled", quick, nproc)
-    reference = done["untiled"]["output"]
-    results = [summarise(m, done[m]["runs"], done[m]["output"], reference, settings) for m in settings.methods]
-    outputs = {m: done[m]["output"] for m in settings.methods}
+        done["untiled"] = [measure("untiled", quick, nproc)]
+    reference = done["untiled"][-1]["output"]
+    results = [summarise(m, done[m], reference, settings) for m in settings.methods]
+    outputs = {m: done[m][-1]["output"] for m in settings.methods}
     scale = None if reference is None else float(reference.abs().max())
     return {"results": [asdict(r) for r in results], "cross": cross_errors(outputs), "reference_max_abs": scale}
 
@@ -262,8 +281,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=512, help="image height = width in pixels")
     ap.add_argument("--nproc", type=int, default=2, help="workers for the parallel methods")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    ap.add_argument("--repeats", type=int, default=3, help="timed decodes per method")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed decodes per method first")
+    ap.add_argument("--repeats", type=int, default=3, help="timed decodes per launch")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed decodes per launch first")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="launches per method, the order reversed every other round")
     ap.add_argument("--tile-size", type=int, default=256, help="tile edge in pixels (both tiled methods)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
@@ -275,8 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = tuple(m for m in METHODS if m in args.methods)  # the fixed order
     if args.resolution % 8 or args.resolution <= 0 or args.tile_size % 8 or args.tile_size <= 0:
         ap.error("--resolution and --tile-size must be positive multiples of 8")
-    if args.nproc < 2 or args.threads < 1 or args.repeats < 1 or args.warmup < 0:
-        ap.error("--nproc must be at least 2, --threads and --repeats at least 1, --warmup at least 0")
+    if args.nproc < 2 or min(args.threads, args.repeats, args.rounds) < 1 or args.warmup < 0:
+        ap.error("--nproc must be at least 2, --threads, --repeats and --rounds at least 1, --warmup at least 0")
     return args
 
 
@@ -298,10 +319,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def spread(values: list[float], unit: Callable[[float], str]) -> str:
+    """``min–max`` of the launches' figures (one launch: just its figure)."""
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return unit(low) if low == high else f"{unit(low)} – {unit(high)}"
+
+
 def print_table(doc: dict[str, Any]) -> None:
-    """The plain table, then the command, the machine and the cross-library differences."""
+    """The plain table, then the command, the machine and the cross-library differences. With
+    several rounds: the median over every timed decode and, per rank, over the launches, then the
+    range of the launches' own medians and max-rank peaks."""
+    several = doc["rounds"] > 1
     header = ("method", "workers", "threads", "median s", "peak mem (max rank)", "peak mem per rank",
-              "max abs err")
+              "max abs err") + (("launch medians s", "launch peaks") if several else ())
     rows = [header]
     for r in doc["results"]:
         peaks = r["peak_mem_bytes"]
@@ -311,7 +343,8 @@ def print_table(doc: dict[str, Any]) -> None:
             human_bytes(max(peaks)) if peaks else "-",
             " / ".join(human_bytes(p) for p in peaks) if peaks else "-",
             "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.3g}",
-        ))
+        ) + ((spread(r["launch_seconds"], lambda v: f"{v:.2f}"),
+              spread(r["launch_peaks"], lambda v: human_bytes(int(v)))) if several else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for n, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -325,7 +358,8 @@ def print_table(doc: dict[str, Any]) -> None:
     if doc["reference_max_abs"] is not None:
         print(f"max |untiled output| (the scale of the errors): {doc['reference_max_abs']:.3g}")
     print(f"input: {doc['resolution']}x{doc['resolution']} px, latents {doc['latent_shape']}, "
-          f"tile {doc['tile_size']} px (overlap 0.25); repeats {doc['repeats']}, warmup {doc['warmup']}")
+          f"tile {doc['tile_size']} px (overlap 0.25); repeats {doc['repeats']}, warmup {doc['warmup']}, "
+          f"{doc['rounds']} launch(es) per method")
     print(f"machine: {doc['machine']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
     print(f"command: {doc['command']}")
@@ -335,13 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_distvae(args.methods)
     settings = Settings(resolution=args.resolution, threads=args.threads, repeats=args.repeats,
-                        warmup=args.warmup, tile_size=args.tile_size, methods=args.methods)
+                        warmup=args.warmup, tile_size=args.tile_size, methods=args.methods, rounds=args.rounds)
     try:
         out = compare(settings, args.nproc)
     except VaeparError as exc:
         sys.exit(f"compare_peers: {exc}")
     doc = {**out, "resolution": args.resolution, "latent_shape": list(latents(args.resolution).shape),
-           "tile_size": args.tile_size, "repeats": args.repeats, "warmup": args.warmup,
+           "tile_size": args.tile_size, "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
            "nproc": args.nproc, "threads": args.threads, "machine": bench.device_name("cpu"),
            "versions": versions(),
            "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["compare_peers.py", *argv])}

@@ -159,3 +159,32 @@ def test_ltx2_noise_injection_is_refused_for_shard(tmp_path: Path) -> None:
               "--strategy", "shard", code=1)
     assert "decoder_inject_noise" in out and "use --strategy tiled or patch" in out and "Traceback" not in out
     assert not (tmp_path / "o.mp4").exists() and len(out.strip().splitlines()) == 1
+
+
+# kl4: encoder 3 down resnets + 2 mid + conv_act, decoder 3x2 up resnets + 2 mid + conv_act
+@pytest.mark.parametrize("name, owners", [("kl4", 3 + 2 + 1 + 6 + 2 + 1), ("wan21", None), ("qwen", None)])
+def test_activations_run_in_place_only_inside_and_only_without_autograd(
+        kl_models: dict[str, Path], wan_models: dict[str, Path], family_models: dict[str, Path],
+        name: str, owners: int | None) -> None:
+    """The switched activations are real SiLU modules of the loaded model; they write in place only
+    inside the context and only under inference; a decode with them equals one without, bit for bit."""
+    from vaepar.vae import load, resolve
+
+    path = {**kl_models, **wan_models, **family_models}[name]
+    spec = resolve(str(path))
+    vae = load(spec, torch.device("cpu"), torch.float32)
+    family = spec.family(vae, spec)
+    acts = family.fresh_activations()
+    assert acts and all(isinstance(m, torch.nn.SiLU) for m in acts)
+    assert owners is None or len(acts) == owners
+    with family.activations_in_place():  # autograd on: nothing switched
+        assert not any(m.inplace for m in acts)
+    z = torch.randn(1, *((spec.latent_channels, 1) if spec.family.video else (spec.latent_channels,)), 6, 5,
+                    generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), single_thread():
+        plain = family.decode_tile(z, tiled=False)
+        with family.activations_in_place():
+            assert all(m.inplace for m in acts)
+            fast = family.decode_tile(z, tiled=False)
+    assert not any(m.inplace for m in acts)
+    assert torch.equal(fast, plain)

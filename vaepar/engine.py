@@ -121,10 +121,11 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
             on_part()
         return tile_fn(part, tiled=grid.tiled, tick=tick)
 
-    if strategy not in BANDED:
-        return tiled.run(x, grid, run_part, comm, share=share, finish=finish), None
-    unit = family.spec.scale // family.spec.patch_size
-    unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
-    return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out, run_part,
-                     comm, halo=halo if strategy == "patch" else None, groups=groups, share=share,
-                     finish=finish)
+    with family.activations_in_place():
+        if strategy not in BANDED:
+            return tiled.run(x, grid, run_part, comm, share=share, finish=finish), None
+        unit = family.spec.scale // family.spec.patch_size
+        unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
+        return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out,
+                         run_part, comm, halo=halo if strategy == "patch" else None, groups=groups,
+                         share=share, finish=finish)

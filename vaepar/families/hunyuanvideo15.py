@@ -57,6 +57,10 @@ class HunyuanVideo15Family(KLFamily):
                               "tile_sample_min_height/width // scale")
         return size, vae.tile_overlap_factor
 
+    def fresh_activations(self) -> list[torch.nn.Module]:
+        """None: this class's activations run as diffusers wrote them (not audited for reuse)."""
+        return []
+
     @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import (

@@ -69,6 +69,20 @@ class KLFamily(Family):
 
         return ShardLeaves(attention=(Attention,))
 
+    def fresh_activations(self) -> list[torch.nn.Module]:
+        """diffusers' ``ResnetBlock2D`` activates its norms' outputs (and a time embedding, which
+        VAE blocks have none of); ``Encoder``/``Decoder`` activate ``conv_norm_out``'s output."""
+        from diffusers.models.autoencoders.vae import Decoder, Encoder
+        from diffusers.models.resnet import ResnetBlock2D
+
+        out = []
+        for m in self.vae.modules():
+            if isinstance(m, ResnetBlock2D) and m.time_emb_proj is None:
+                out.append(m.nonlinearity)
+            elif isinstance(m, (Encoder, Decoder)):
+                out.append(m.conv_act)
+        return out
+
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         if self.vae.config.use_post_quant_conv:
             z = self.vae.post_quant_conv(z)

@@ -89,6 +89,12 @@ class LTX2Family(WanFamily):
         return Factors()
 
     @classmethod
+    def activation_owners(cls) -> tuple[type, ...]:
+        """None: LTX-2's resnets inject noise and timestep terms between norm and activation
+        (not audited for reuse), so its activations run as diffusers wrote them."""
+        return ()
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d
 

@@ -40,6 +40,12 @@ class QwenImageFamily(WanFamily):
 
         return ShardLeaves(frame_attention=(QwenImageAttentionBlock,), causal_convs=(QwenImageCausalConv3d,))
 
+    @classmethod
+    def activation_owners(cls) -> tuple[type, ...]:
+        from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
+
+        return (qwen.QwenImageResidualBlock, qwen.QwenImageEncoder3d, qwen.QwenImageDecoder3d)
+
     def decode_tile(self, z: torch.Tensor, *, tiled: bool, tick: Tick = no_tick) -> torch.Tensor:
         if z.ndim == 4:
             return self.decode_tile(z.unsqueeze(2), tiled=tiled, tick=tick).squeeze(2)

@@ -91,6 +91,17 @@ class WanFamily(Family):
         return ShardLeaves(frame_attention=(WanAttentionBlock,), causal_convs=(WanCausalConv3d,))
 
     @classmethod
+    def activation_owners(cls) -> tuple[type, ...]:
+        """The classes whose ``nonlinearity`` only ever activates a norm's output."""
+        from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+        return (wan.WanResidualBlock, wan.WanEncoder3d, wan.WanDecoder3d)
+
+    def fresh_activations(self) -> list[torch.nn.Module]:
+        owners = self.activation_owners()
+        return [m.nonlinearity for m in self.vae.modules() if isinstance(m, owners)]
+
+    @classmethod
     def prepare_pixels(cls, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
