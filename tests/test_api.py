@@ -202,5 +202,7 @@ def test_one_process_without_a_group_runs_the_vae_as_before(setup: tuple[dict[st
     vae = vaepar.parallelize(load("kl4", paths["kl4"]))
     with single_thread(), torch.no_grad():
         assert torch.equal(vae.decode(data["kl4"]["z"]).sample, refs["kl4"]["decode"])
+    # the decode ran with in-place activations (bit-identical, above) and switched them back after
+    assert not any(isinstance(m, torch.nn.SiLU) and m.inplace for m in vae.modules())
     with pytest.raises(vaepar.OptionError, match="unknown strategy 'fast'"):
         vaepar.parallelize(vae, strategy="fast")

@@ -151,8 +151,9 @@ class Family:
     def activations_in_place(self) -> Iterator[None]:
         """Within: :meth:`fresh_activations` that have an ``inplace`` switch (``nn.SiLU``) write
         into their input. The same kernel on the same values, so results are bit-identical, with
-        one activation-sized buffer less alive at each call (a 256² SD tile: peak RSS ~350 →
-        ~285 MiB). Only without autograd, which needs the activation's input for its backward."""
+        one activation-sized temporary fewer per call (a live-memory peak held by a convolution
+        does not move). Only without autograd, which needs the activation's input for its
+        backward."""
         switched = [] if torch.is_grad_enabled() else [
             m for m in self.fresh_activations() if getattr(m, "inplace", None) is False]
         for m in switched:
