@@ -7,6 +7,8 @@ every worker) and the same intra-op threads per worker. Each method runs in a la
 what one method leaves in the allocator does not change another's time or peak RSS.
 
   untiled         diffusers' own ``vae.decode`` on one worker (the reference for the errors)
+  vaepar-untiled  ``vaepar.parallelize(vae)`` on one worker: the VAE's own decode as vaepar runs it
+                  (activations that only take a norm's fresh output in place; bit-identical)
   distvae-patch   ``distvae.vae.parallelize_decoder``: DistVAE's DecoderAdapter splits the rows of
                   the up blocks over the ranks (conv_in and the mid block run whole on every rank)
   distvae-tiled   ``distvae.vae.tiled_decode_for`` with ``distvae.vae.sharing(group)``: diffusers'
@@ -56,7 +58,8 @@ from vaepar.errors import VaeparError
 from vaepar.report import MemoryMeter, human_bytes
 from vaepar.vae import architecture, load
 
-METHODS = ("untiled", "distvae-patch", "distvae-tiled", "vaepar-shard", "vaepar-tiled")
+METHODS = ("untiled", "vaepar-untiled", "distvae-patch", "distvae-tiled", "vaepar-shard", "vaepar-tiled")
+ONE_WORKER = ("untiled", "vaepar-untiled")
 SEED = 0
 
 
@@ -109,6 +112,11 @@ def prepare_untiled(vae: torch.nn.Module, settings: Settings) -> torch.nn.Module
     return vae
 
 
+def prepare_vaepar_untiled(vae: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """vaepar on one worker: the VAE's own decode, with vaepar's in-place activations."""
+    return vaepar.parallelize(vae)
+
+
 def prepare_distvae_patch(vae: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """Swap the decoder for DistVAE's row-split DecoderAdapter on the default (WORLD) group."""
     from distvae.vae import parallelize_decoder
@@ -145,6 +153,7 @@ def prepare_vaepar_tiled(vae: torch.nn.Module, settings: Settings) -> torch.nn.M
 
 PREPARE: dict[str, Callable[[torch.nn.Module, Settings], torch.nn.Module]] = {
     "untiled": prepare_untiled,
+    "vaepar-untiled": prepare_vaepar_untiled,
     "distvae-patch": prepare_distvae_patch,
     "distvae-tiled": prepare_distvae_tiled,
     "vaepar-shard": prepare_vaepar_shard,
@@ -236,7 +245,7 @@ def worker_main(method: str, settings: Settings) -> dict[str, Any]:
 def measure(method: str, settings: Settings, nproc: int) -> dict[str, Any]:
     """One method in a launch of its own (fresh worker processes: no allocator state or heap left
     by another method changes its time or its peak RSS)."""
-    workers = 1 if method == "untiled" else nproc
+    workers = 1 if method in ONE_WORKER else nproc
     return launch.run(launch.LaunchSpec(nproc=workers), worker_main, method, settings, isolated=True)
 
 
