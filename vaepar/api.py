@@ -71,8 +71,8 @@ def parallelize(vae: nn.Module, *, strategy: str = "auto", group: Any = None, ti
     attributes after ``vae.enable_tiling()``; ``tile_overlap`` defaults to the class's own); ``patch`` runs bands with ``halo`` latent rows of
     margin and no communication (approximate); ``auto`` is ``tiled`` when tiling is enabled or
     ``tile_size`` is given, else ``shard``. Inputs with fewer latent rows than ranks run whole on
-    every rank. Under ``no_grad``/``inference_mode``, activations that only take a norm's fresh
-    output (KL, FLUX.2, Wan, Qwen-Image) write in place: the same values, less peak memory.
+    every rank. Under ``no_grad``/``inference_mode``, whole and tiled decodes run the activations
+    that only take a norm's fresh output (KL, FLUX.2, Wan, Qwen-Image) in place: the same values.
 
     Cost: besides the strategy's own traffic (halo rows, GroupNorm sums, attention gathers for
     ``shard``; blend strips for ``tiled``), every rank receives the whole result once: each rank
