@@ -8,7 +8,8 @@ what one method leaves in the allocator does not change another's time or peak R
 
   untiled         diffusers' own ``vae.decode`` on one worker (the reference for the errors)
   vaepar-untiled  ``vaepar.parallelize(vae)`` on one worker: the VAE's own decode as vaepar runs it
-                  (activations that only take a norm's fresh output in place; bit-identical)
+                  (activations that only take a norm's fresh output in place, the freed heap
+                  handed back before the last upsampler; bit-identical)
   distvae-patch   ``distvae.vae.parallelize_decoder``: DistVAE's DecoderAdapter splits the rows of
                   the up blocks over the ranks (conv_in and the mid block run whole on every rank)
   distvae-tiled   ``distvae.vae.tiled_decode_for`` with ``distvae.vae.sharing(group)``: diffusers'

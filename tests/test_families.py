@@ -188,3 +188,35 @@ def test_activations_run_in_place_only_inside_and_only_without_autograd(
             fast = family.decode_tile(z, tiled=False)
     assert not any(m.inplace for m in acts)
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("name", ["kl4", "wan21", "qwen", "hv15", with_ltx2("ltx2")])
+def test_heap_is_trimmed_before_the_last_upsampler_only_inside(
+        kl_models: dict[str, Path], wan_models: dict[str, Path], family_models: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Inside ``heap_trimmed`` a decode trims the heap once per call of the decoder's last upsampler
+    (on CPU), with the same result bit for bit; outside, never."""
+    from vaepar import heap
+    from vaepar.vae import load, resolve
+
+    spec = resolve(str({**kl_models, **wan_models, **family_models}[name]))
+    vae = load(spec, torch.device("cpu"), torch.float32)
+    family = spec.family(vae, spec)
+    ups = [m for m in vae.decoder.modules() if isinstance(m, family.upsampler_types())]
+    assert ups, "the family names no upsampler its decoder has"
+    z = torch.randn(1, *((spec.latent_channels, 2) if spec.family.video else (spec.latent_channels,)), 6, 5,
+                    generator=torch.Generator().manual_seed(3))
+    calls: list[str] = []
+    ups[-1].register_forward_pre_hook(lambda m, a: calls.append("last upsampler"))
+    with torch.inference_mode(), single_thread():
+        plain = family.decode_tile(z, tiled=False)
+        with family.heap_trimmed():
+            assert torch.equal(family.decode_tile(z, tiled=False), plain)
+        monkeypatch.setattr(heap, "trim", lambda: calls.append("trim"))
+        calls.clear()
+        with family.heap_trimmed():
+            family.decode_tile(z, tiled=False)
+        assert calls and calls == ["last upsampler", "trim"] * (len(calls) // 2)
+        calls.clear()
+        family.decode_tile(z, tiled=False)
+    assert calls and "trim" not in calls

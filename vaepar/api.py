@@ -125,7 +125,7 @@ def _decode(self: nn.Module, z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     family.decode_arguments(*args, **kwargs)
     out = _run(self, "decode", z)
     if out is None:
-        with family.activations_in_place():
+        with family.activations_in_place(), family.heap_trimmed():
             return type(self)._decode(self, z, *args, **kwargs)
     sample = family.finish_decode(out)
     if family.decode_returns_tensor:

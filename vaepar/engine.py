@@ -121,13 +121,14 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
             on_part()
         return tile_fn(part, tiled=grid.tiled, tick=tick)
 
-    if strategy not in BANDED:
-        with family.activations_in_place():
-            return tiled.run(x, grid, run_part, comm, share=share, finish=finish), None
-    # Not for bands: on CPU (glibc) in-place activations made `shard` ~8 % slower and its peak
-    # RSS higher (SD 512², 2 ranks; docs/benchmarks.md), though they speed up whole tiles.
-    unit = family.spec.scale // family.spec.patch_size
-    unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
-    return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out, run_part,
-                     comm, halo=halo if strategy == "patch" else None, groups=groups, share=share,
-                     finish=finish)
+    with family.heap_trimmed():
+        if strategy not in BANDED:
+            with family.activations_in_place():
+                return tiled.run(x, grid, run_part, comm, share=share, finish=finish), None
+        # Not for bands: on CPU (glibc) in-place activations made `shard` ~8 % slower and its peak
+        # RSS higher (SD 512², 2 ranks; docs/benchmarks.md), though they speed up whole tiles.
+        unit = family.spec.scale // family.spec.patch_size
+        unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
+        return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out,
+                         run_part, comm, halo=halo if strategy == "patch" else None, groups=groups, share=share,
+                         finish=finish)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vaepar import heap
 from vaepar.comm import Comm
 
 
@@ -26,15 +26,6 @@ def _status_bytes(field_name: str) -> int:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS, so that a job reusing them still shows in RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS deltas may then undercount reused memory
-        pass
 
 
 class MemoryMeter:
@@ -48,7 +39,8 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        _release_free_heap()
+        gc.collect()
+        heap.trim()  # so that a job reusing freed heap pages still shows in RSS
         try:  # writing 5 resets the kernel's high-water mark (VmHWM) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

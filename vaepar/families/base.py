@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from vaepar import plan
+from vaepar import heap, plan
 
 if TYPE_CHECKING:
     from vaepar.latents import Factors
@@ -47,6 +47,11 @@ class ShardLeaves:
 
 def no_tick(n: int) -> None:
     pass
+
+
+def _trim_on_cpu(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    if args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+        heap.trim()
 
 
 class Family:
@@ -132,6 +137,11 @@ class Family:
         """Pixels as the encoder's tiles slice them (Wan 2.2: patchified), else unchanged."""
         return x
 
+    @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        """The decoder's modules that raise its resolution (:meth:`heap_trimmed`)."""
+        return ()
+
     # --- a loaded model -------------------------------------------------------------------------
 
     def __init__(self, vae: torch.nn.Module, spec: ModelSpec) -> None:
@@ -163,6 +173,21 @@ class Family:
         finally:
             for m in switched:
                 m.inplace = False
+
+    @contextmanager
+    def heap_trimmed(self) -> Iterator[None]:
+        """Within: on CPU, the heap's free pages go back to the OS (:func:`vaepar.heap.trim`) just
+        before the decoder's last :meth:`upsampler_types` module. The steps to full resolution
+        allocate only buffers too large for the heap, so the lower resolutions' freed chunks would
+        otherwise stay resident beside them: the peak RSS then follows the live tensors. Nothing
+        moves, so results are bit-identical; one trim per call costs no measurable time."""
+        found = [m for m in self.vae.decoder.modules() if isinstance(m, self.upsampler_types())]
+        handle = found[-1].register_forward_pre_hook(_trim_on_cpu) if found else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def decode_arguments(self, *args: Any, **kwargs: Any) -> None:
         """The extra arguments a caller gave the class's ``_decode`` (beyond ``z`` and ``return_dict``),

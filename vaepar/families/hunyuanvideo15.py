@@ -62,6 +62,12 @@ class HunyuanVideo15Family(KLFamily):
         return []
 
     @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import HunyuanVideo15Upsample
+
+        return (HunyuanVideo15Upsample,)
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import (
             HunyuanVideo15AttnBlock,

@@ -64,6 +64,12 @@ class KLFamily(Family):
         return size, vae.tile_overlap_factor
 
     @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        from diffusers.models.upsampling import Upsample2D
+
+        return (Upsample2D,)
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.attention_processor import Attention
 

@@ -95,6 +95,12 @@ class LTX2Family(WanFamily):
         return ()
 
     @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoUpsampler3d
+
+        return (LTX2VideoUpsampler3d,)
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d
 

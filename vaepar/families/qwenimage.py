@@ -32,6 +32,12 @@ class QwenImageFamily(WanFamily):
         return 1
 
     @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageResample
+
+        return (QwenImageResample,)
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
             QwenImageAttentionBlock,

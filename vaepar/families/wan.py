@@ -85,6 +85,12 @@ class WanFamily(Family):
         return size, 1 - (stride + 0.5) / size
 
     @classmethod
+    def upsampler_types(cls) -> tuple[type, ...]:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+        return (WanResample,)
+
+    @classmethod
     def shard_leaves(cls) -> ShardLeaves:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 
