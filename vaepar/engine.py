@@ -130,5 +130,5 @@ def execute(family: Family, task: str, strategy: str, x: torch.Tensor, grid: pla
         unit = family.spec.scale // family.spec.patch_size
         unit_in, unit_out = (1, unit) if task == "decode" else (unit, 1)
         return shard.run(x, latent_rows(family.spec, task, x.shape[-2]), unit_in, lambda u: u * unit_out,
-                         run_part, comm, halo=halo if strategy == "patch" else None, groups=groups, share=share,
-                         finish=finish)
+                         run_part, comm, halo=halo if strategy == "patch" else None, groups=groups,
+                         share=share, finish=finish)
