@@ -17,6 +17,11 @@ what one method leaves in the allocator does not change another's time or peak R
   vaepar-shard    ``vaepar.parallelize(vae, strategy="shard")``
   vaepar-tiled    ``vaepar.parallelize(vae, strategy="tiled", tile_size=...)``
 
+Allocator environment: the ``vaepar`` command sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1``
+(:data:`vaepar.heap.TORCH_ENV`) for itself and its workers; diffusers and DistVAE leave torch's
+default. ``--huge-pages vaepar`` (the default) gives each method's workers its own tool's setting,
+``all`` or ``none`` the same to every method.
+
 For each: the median seconds of ``--repeats`` timed decodes (after ``--warmup`` untimed ones), the
 peak RSS per rank above its level before the decode (vaepar's own MemoryMeter, the max over the
 timed decodes), and max |method - untiled| on rank 0's result. Both tiled methods use the tile
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import importlib.metadata
 import importlib.util
 import json
@@ -45,7 +51,8 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +60,7 @@ from typing import Any
 import torch
 
 import vaepar
-from vaepar import bench, launch
+from vaepar import bench, heap, launch
 from vaepar.comm import Comm
 from vaepar.errors import VaeparError
 from vaepar.report import MemoryMeter, human_bytes
@@ -61,6 +68,7 @@ from vaepar.vae import architecture, load
 
 METHODS = ("untiled", "vaepar-untiled", "distvae-patch", "distvae-tiled", "vaepar-shard", "vaepar-tiled")
 ONE_WORKER = ("untiled", "vaepar-untiled")
+HUGE_PAGES = ("vaepar", "all", "none")
 SEED = 0
 
 
@@ -75,6 +83,7 @@ class Settings:
     tile_size: int
     methods: tuple[str, ...]
     rounds: int = 1
+    huge_pages: str = "vaepar"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,6 +98,7 @@ class MethodResult:
     peak_mem_bytes: list[int] = field(default_factory=list)  # per rank, rank order (median over launches)
     launch_seconds: list[float] = field(default_factory=list)  # each launch's median, in launch order
     launch_peaks: list[int] = field(default_factory=list)  # each launch's max-rank peak
+    huge_pages: bool = False  # its workers ran with heap.TORCH_ENV
     max_abs_err: float | None = None
     note: str = ""
 
@@ -211,7 +221,8 @@ def summarise(method: str, launches: list[dict[str, Any]], reference: torch.Tens
               settings: Settings) -> MethodResult:
     """The row for ``method`` from its launches (each: every rank's output-free run, rank 0's
     output): times pooled over the launches, per-rank peaks the median over the launches."""
-    result = MethodResult(method=method, workers=len(launches[0]["runs"]), threads=settings.threads)
+    result = MethodResult(method=method, workers=len(launches[0]["runs"]), threads=settings.threads,
+                          huge_pages=uses_huge_pages(method, settings))
     errors = sorted({r.error for one in launches for r in one["runs"] if r.error})
     if errors:
         result.note = "; ".join(errors)
@@ -245,9 +256,39 @@ def worker_main(method: str, settings: Settings) -> dict[str, Any]:
 
 def measure(method: str, settings: Settings, nproc: int) -> dict[str, Any]:
     """One method in a launch of its own (fresh worker processes: no allocator state or heap left
-    by another method changes its time or its peak RSS)."""
+    by another method changes its time or its peak RSS), in its allocator environment."""
     workers = 1 if method in ONE_WORKER else nproc
-    return launch.run(launch.LaunchSpec(nproc=workers), worker_main, method, settings, isolated=True)
+    with environment(worker_env(uses_huge_pages(method, settings))):
+        return launch.run(launch.LaunchSpec(nproc=workers), worker_main, method, settings, isolated=True)
+
+
+def uses_huge_pages(method: str, settings: Settings) -> bool:
+    """Whether ``method``'s workers get :data:`vaepar.heap.TORCH_ENV` (``--huge-pages``)."""
+    return settings.huge_pages == "all" or (settings.huge_pages == "vaepar" and method.startswith("vaepar"))
+
+
+def worker_env(huge_pages: bool) -> dict[str, str | None]:
+    """The variables of :data:`vaepar.heap.TORCH_ENV`, set, or unset (None) for torch's default."""
+    return {key: value if huge_pages else None for key, value in heap.TORCH_ENV.items()}
+
+
+@contextmanager
+def environment(changes: dict[str, str | None]) -> Iterator[None]:
+    """Within: ``changes`` in this process's environment (the spawned workers inherit it)."""
+    saved = {key: os.environ.get(key) for key in changes}
+    try:
+        _set_env(changes)
+        yield
+    finally:
+        _set_env(saved)
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def launch_order(methods: tuple[str, ...], rounds: int) -> list[str]:
@@ -296,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1,
                     help="launches per method, the order reversed every other round")
     ap.add_argument("--tile-size", type=int, default=256, help="tile edge in pixels (both tiled methods)")
+    ap.add_argument("--huge-pages", choices=HUGE_PAGES, default="vaepar",
+                    help="whose workers run with THP_MEM_ALLOC_ENABLE=1: vaepar's methods (as the vaepar "
+                         "command runs them; the others with torch's default), all or none")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
     args = ap.parse_args(argv)
@@ -370,6 +414,8 @@ def print_table(doc: dict[str, Any]) -> None:
     print(f"input: {doc['resolution']}x{doc['resolution']} px, latents {doc['latent_shape']}, "
           f"tile {doc['tile_size']} px (overlap 0.25); repeats {doc['repeats']}, warmup {doc['warmup']}, "
           f"{doc['rounds']} launch(es) per method")
+    huge = [r["method"] for r in doc["results"] if r["huge_pages"]]
+    print(f"huge pages ({', '.join(f'{k}={v}' for k, v in heap.TORCH_ENV.items())}): {', '.join(huge) or 'none'}")
     print(f"machine: {doc['machine']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
     print(f"command: {doc['command']}")
@@ -379,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_distvae(args.methods)
     settings = Settings(resolution=args.resolution, threads=args.threads, repeats=args.repeats,
-                        warmup=args.warmup, tile_size=args.tile_size, methods=args.methods, rounds=args.rounds)
+                        warmup=args.warmup, tile_size=args.tile_size, methods=args.methods, rounds=args.rounds,
+                        huge_pages=args.huge_pages)
     try:
         out = compare(settings, args.nproc)
     except VaeparError as exc:

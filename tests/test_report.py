@@ -1,12 +1,20 @@
-"""Peak-memory measurement on CPU."""
+"""Peak-memory measurement and the allocator settings on CPU."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vaepar import heap
 from vaepar.report import MemoryMeter, _status_bytes
+
+from conftest import make_kl
 
 MB = 1 << 20
 
@@ -38,3 +46,65 @@ def test_trim_returns_freed_heap_pages_that_free_keeps() -> None:
     heap.trim()
     assert kept - _status_bytes("VmRSS") >= 48 * MB
     assert pin.sum() == MB // 4
+
+
+WATCH_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE"))
+sys.meta_path.insert(0, Watch())
+import vaepar.cli
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")])
+def test_the_cli_asks_for_huge_pages_before_torch_is_imported(given: str | None, seen: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given  # the user's own setting stands
+    out = subprocess.run([sys.executable, "-c", WATCH_TORCH_IMPORT], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == [seen]
+
+
+DECODE = """
+import resource, sys, torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+torch.set_num_threads(1)
+vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
+with torch.inference_mode():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = vae.decode(z).sample
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+save_file({"x": x.contiguous()}, sys.argv[2])
+print(faults)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="the kernel gives no transparent huge pages")
+def test_huge_pages_change_page_faults_not_results(tmp_path: Path) -> None:
+    model = make_kl(tmp_path / "kl")  # 16 channels at 512x512 pixels: 16 MiB activations, above torch's 2 MiB
+    faults, outputs = {}, {}
+    for thp in ("0", "1"):
+        out = tmp_path / f"x{thp}.safetensors"
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([sys.executable, "-c", DECODE, str(model), str(out)], env=env, capture_output=True,
+                             text=True, check=True)
+        faults[thp], outputs[thp] = int(run.stdout.split()[-1]), load_file(out)["x"]
+    assert outputs["1"].shape == (1, 3, 512, 512)
+    assert torch.equal(outputs["0"], outputs["1"])
+    assert faults["1"] < faults["0"] / 2, faults

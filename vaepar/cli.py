@@ -16,8 +16,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from vaepar import heap  # no torch: the environment below is set before torch is imported
+
 # torch's C++ warnings (a store connection closing when another node stops) are noise here.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+heap.use_huge_pages()
 
 from vaepar import compat, launch, latents, outputs, pixels, worker  # noqa: E402 - after the environment
 from vaepar.comm import backend_problem  # noqa: E402
