@@ -1,4 +1,5 @@
-"""scripts/compare_peers.py's bookkeeping: launch order over rounds and the summary of launches."""
+"""scripts/compare_peers.py's bookkeeping: launch order over rounds, the summary of launches and
+each method's allocator environment."""
 
 from __future__ import annotations
 
@@ -74,3 +75,19 @@ def test_rounds_must_be_positive(cp) -> None:
         cp.parse_args(["--rounds", "0"])
     assert cp.parse_args(["--rounds", "4", "--methods", "vaepar-tiled,distvae-tiled"]).methods == (
         "distvae-tiled", "vaepar-tiled")
+
+
+def test_each_method_gets_its_own_tools_huge_page_setting(cp, monkeypatch: pytest.MonkeyPatch) -> None:
+    def on(method: str, choice: str) -> bool:
+        return cp.uses_huge_pages(method, cp.Settings(resolution=64, threads=1, repeats=1, warmup=0, tile_size=32,
+                                                      methods=(method,), huge_pages=choice))
+
+    assert [on(m, "vaepar") for m in ("vaepar-tiled", "vaepar-untiled", "distvae-tiled", "untiled")] == [
+        True, True, False, False]
+    assert on("distvae-patch", "all") and not on("vaepar-shard", "none")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    with cp.environment(cp.worker_env(True)):
+        assert cp.os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    with cp.environment(cp.worker_env(False)):
+        assert "THP_MEM_ALLOC_ENABLE" not in cp.os.environ
+    assert cp.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
