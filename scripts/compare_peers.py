@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shlex
 import statistics
 import sys
