@@ -432,15 +432,18 @@ def test_halo_causal_conv3d_with_time_cache_on_bands() -> None:
             assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("chunk", [shard.CHUNK, 7])
-def test_group_norm_statistics_over_bands(layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_norm_statistics_over_bands(batch: int, layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """band_moments of each band, merged -> global statistics; normalize: equals nn.GroupNorm on
     the full tensor, with bands of very different means and scales; in both memory layouts (the
-    output keeps the band's), whole or in pieces of 7 elements (merged as the parts of bands are)."""
+    output keeps the band's), whole or in pieces of 7 elements (merged as the parts of bands are),
+    for one sample and two (each sample's statistics its own)."""
     monkeypatch.setattr(shard, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 14, 5, generator=g)
+    x = torch.randn(batch, 16, 14, 5, generator=g)
+    x[-1] *= 0.2  # the last sample's statistics differ from the first's
     x[..., 1:6, :] += 100.0
     x[..., 6:, :] *= 3.0
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -457,7 +460,7 @@ def test_group_norm_statistics_over_bands(layout: str, chunk: int, monkeypatch: 
         want = norm(x)
         exact = F.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
         local = torch.cat([norm(x[..., a:b, :]) for a, b in ROW_BANDS], dim=-2)  # per-band statistics
-    assert parts.shape == (3, 2, 4, 3) and stats[0, 0, 0].item() == 4 * 14 * 5
+    assert parts.shape == (3, batch, 4, 3) and stats[0, 0, 0].item() == 4 * 14 * 5
     err, err64 = (got - want).abs().max().item(), (got.double() - exact).abs().max().item()
     print(f"  group norm on bands: vs nn.GroupNorm {err:.3e}, vs float64 {err64:.3e}, "
           f"nn.GroupNorm vs float64 {(want.double() - exact).abs().max().item():.3e}")

@@ -311,15 +311,17 @@ def _overlapped(convolve: Callable[[torch.Tensor, int], torch.Tensor], x: torch.
     ``p`` halo rows at each end, the exchange hidden behind it: the halo of ``x`` (or of ``part``,
     its rows ``embed`` places back into ``x``'s shape) travels while the band is convolved with
     zero rows; then the ``p`` output rows at each end are redone with the neighbours' rows (past
-    the global edges: ``mode``'s). No padded copy of the band is made."""
+    the global edges: ``mode``'s), both ends in one call. No padded copy of the band is made."""
     posted = _current.post_halos(x if part is None else part, p, p)
     out = convolve(x, p)
     above, below = posted.wait()
     if embed is not None:
         above, below = embed(above), embed(below)
     above, below = _current.edges(x, above, below, mode)
-    out[..., :p, :] = convolve(torch.cat([above, x[..., : k - 1, :]], dim=-2), 0)
-    out[..., -p:, :] = convolve(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2), 0)
+    ends = convolve(torch.cat([torch.cat([above, x[..., : k - 1, :]], dim=-2),
+                               torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)]), 0)
+    b = x.shape[0]
+    out[..., :p, :], out[..., -p:, :] = ends[:b], ends[b:]
     return out
 
 
@@ -351,10 +353,11 @@ class ShardGroupNorm(_Wrapper):
         return group_norm(x, self.norm, _current)
 
 
-CHUNK = 1 << 18
+CHUNK = 1 << 20
 """Elements per piece of a band that GroupNorm statistics are taken over on the CPU: two passes
 over a piece that stays in cache (mean, then squared deviations) beat torch's one-pass Welford
-reduction several times over. Low-precision pieces are cast to float32 one at a time, so a
+reduction several times over. 4 MiB of float32 fits a shared L3 cache and costs fewer calls than
+1 MiB pieces (SD-VAE 512² bands on 2 ranks: ~125 against ~190 ms per decode). Low-precision pieces are cast to float32 one at a time, so a
 bfloat16 band is never copied whole."""
 
 PIECES = 8
@@ -419,12 +422,18 @@ def merge_moments(stats: torch.Tensor, dim: int) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """Normalise with the merged (biased) statistics ``stats`` (B, G, 3) and apply the norm's
-    affine transform, folded into one per-channel scale and shift: a single output tensor of
-    ``x``'s dtype and memory layout, like the fused GroupNorm kernel (low precision: computed in
-    float32 pieces)."""
+    affine transform: a single output tensor of ``x``'s dtype and memory layout, like the fused
+    GroupNorm kernel. Each (sample, channel) is one channel of torch's batch-norm inference kernel,
+    given its group's mean and variance (faster on CPU than a broadcast ``addcmul``); low precision:
+    computed in float32 pieces."""
     b, c = x.shape[:2]
     n, mean, m2 = stats.unbind(-1)
     per = c // norm.num_groups
+    if x.dtype == mean.dtype and (b == 1 or x.is_contiguous()):
+        weight, bias = (norm.weight.repeat(b), norm.bias.repeat(b)) if norm.affine else (None, None)
+        channel = mean.repeat_interleave(per, dim=1).reshape(-1), (m2 / n).repeat_interleave(per, dim=1).reshape(-1)
+        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), *channel, weight, bias, False, 0.0, norm.eps)
+        return out.reshape(x.shape)
     scale = torch.rsqrt(m2 / n + norm.eps).repeat_interleave(per, dim=1)  # (B, C)
     shift = -mean.repeat_interleave(per, dim=1) * scale
     if norm.affine:
