@@ -469,6 +469,23 @@ def test_group_norm_statistics_over_bands(batch: int, layout: str, chunk: int, m
     assert (local - want).abs().max().item() > 0.5  # the test would see per-band statistics
 
 
+def test_group_norm_of_float64_bands_with_a_float32_norm() -> None:
+    """A float64 band under a float32 norm: statistics and normalisation in float64, equal to the
+    functional GroupNorm in float64 to its rounding."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 12, 5, generator=g, dtype=torch.float64)
+    x[..., 6:, :] = x[..., 6:, :] * 5 + 20
+    norm = nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+        bands = [x[..., :6, :], x[..., 6:, :]]
+        stats = shard.merge_moments(torch.stack([shard.band_moments(band, 2) for band in bands]), dim=0)
+        got = torch.cat([shard.normalize(band, stats, norm) for band in bands], dim=-2)
+        want = F.group_norm(x, 2, norm.weight.double(), norm.bias.double(), norm.eps)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max().item() <= 1e-12
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_band_moments_of_low_precision_input_in_pieces(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 bands: moments merged from float32 pieces equal float64 moments of the same values

@@ -356,9 +356,9 @@ class ShardGroupNorm(_Wrapper):
 CHUNK = 1 << 20
 """Elements per piece of a band that GroupNorm statistics are taken over on the CPU: two passes
 over a piece that stays in cache (mean, then squared deviations) beat torch's one-pass Welford
-reduction several times over. 4 MiB of float32 fits a shared L3 cache and costs fewer calls than
-1 MiB pieces (SD-VAE 512² bands on 2 ranks: ~125 against ~190 ms per decode). Low-precision pieces are cast to float32 one at a time, so a
-bfloat16 band is never copied whole."""
+reduction several times over. 4 MiB of float32 stays in a shared L3 cache and takes fewer calls
+than 1 MiB pieces (SD-VAE 512² bands on 2 ranks: ~125 against ~190 ms per decode). Low-precision
+pieces are cast to float32 one at a time, so a bfloat16 band is never copied whole."""
 
 PIECES = 8
 """Off the CPU, low-precision bands are reduced and normalised in this many pieces, so float32
@@ -430,9 +430,9 @@ def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch
     n, mean, m2 = stats.unbind(-1)
     per = c // norm.num_groups
     if x.dtype == mean.dtype and (b == 1 or x.is_contiguous()):
-        weight, bias = (norm.weight.repeat(b), norm.bias.repeat(b)) if norm.affine else (None, None)
+        affine = [t.to(mean.dtype).repeat(b) for t in (norm.weight, norm.bias)] if norm.affine else [None, None]
         channel = mean.repeat_interleave(per, dim=1).reshape(-1), (m2 / n).repeat_interleave(per, dim=1).reshape(-1)
-        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), *channel, weight, bias, False, 0.0, norm.eps)
+        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), *channel, *affine, False, 0.0, norm.eps)
         return out.reshape(x.shape)
     scale = torch.rsqrt(m2 / n + norm.eps).repeat_interleave(per, dim=1)  # (B, C)
     shift = -mean.repeat_interleave(per, dim=1) * scale
