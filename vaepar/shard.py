@@ -429,13 +429,14 @@ def normalize(x: torch.Tensor, stats: torch.Tensor, norm: nn.GroupNorm) -> torch
     b, c = x.shape[:2]
     n, mean, m2 = stats.unbind(-1)
     per = c // norm.num_groups
+    mean, var = (t.repeat_interleave(per, dim=1) for t in (mean, m2 / n))  # (B, C): each channel its group's
     if x.dtype == mean.dtype and (b == 1 or x.is_contiguous()):
         affine = [t.to(mean.dtype).repeat(b) for t in (norm.weight, norm.bias)] if norm.affine else [None, None]
-        channel = mean.repeat_interleave(per, dim=1).reshape(-1), (m2 / n).repeat_interleave(per, dim=1).reshape(-1)
-        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), *channel, *affine, False, 0.0, norm.eps)
+        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean.reshape(-1), var.reshape(-1), *affine, False,
+                           0.0, norm.eps)
         return out.reshape(x.shape)
-    scale = torch.rsqrt(m2 / n + norm.eps).repeat_interleave(per, dim=1)  # (B, C)
-    shift = -mean.repeat_interleave(per, dim=1) * scale
+    scale = torch.rsqrt(var + norm.eps)
+    shift = -mean * scale
     if norm.affine:
         weight = norm.weight.to(scale.dtype)
         scale, shift = scale * weight, shift * weight + norm.bias.to(scale.dtype)
