@@ -338,6 +338,7 @@ class BandSim:
 
     def __init__(self, full: torch.Tensor, a: int, b: int) -> None:
         self.full, self.a, self.b = full, a, b
+        self.first, self.last = a == 0, b == full.shape[-2]
         self.exchanges = 0
 
     def exchange_rows(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:

@@ -168,7 +168,7 @@ class _Counting(shard.Context):
 
     def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> shard.Posted:
         row = x[..., :1, :].numel() * x.element_size()
-        sent = ((bottom if self.index > 0 else 0) + (top if self.index < self.active - 1 else 0)) * row
+        sent = ((0 if self.first else bottom) + (0 if self.last else top)) * row
         self.exchanges += 1
         self.bytes_sent += sent
         self.bytes_overlapped += sent if overlapped else 0

@@ -45,6 +45,16 @@ class Context:
     reductions: int = 0
     gathers: int = 0
 
+    @property
+    def first(self) -> bool:
+        """This band is the top one."""
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        """This band is the bottom one."""
+        return self.index == self.active - 1
+
     def post_halos(self, x: torch.Tensor, top: int, bottom: int, *, overlapped: bool = True) -> Posted:
         """Start sending this band's edge rows and receiving the ``top`` rows of the band above and
         the ``bottom`` rows of the band below (zeros where there is no neighbour); the rows are
@@ -53,10 +63,10 @@ class Context:
         above = x.new_zeros((*x.shape[:-2], top, x.shape[-1]))
         below = x.new_zeros((*x.shape[:-2], bottom, x.shape[-1]))
         sends, recvs = [], []
-        if self.index > 0:
+        if not self.first:
             recvs += [(self.index - 1, above)] if top else []
             sends += [(self.index - 1, x[..., :bottom, :])] if bottom else []
-        if self.index < self.active - 1:
+        if not self.last:
             recvs += [(self.index + 1, below)] if bottom else []
             sends += [(self.index + 1, x[..., x.shape[-2] - top :, :])] if top else []
         sent = sum(t.numel() * t.element_size() for _, t in sends)
@@ -83,7 +93,7 @@ class Context:
         """The halo rows received for band ``x``, with those past the global top and bottom edges
         (zeros as received) replaced by the rows ``F.pad`` adds in ``mode``."""
         top, bottom = above.shape[-2], below.shape[-2]
-        first, last = self.index == 0, self.index == self.active - 1
+        first, last = self.first, self.last
         if mode != "zeros" and first and top:  # rows 1..top of the whole input: this band's, then the next's
             above = edge_rows(x if last else torch.cat([x[..., : top + 1, :], below], dim=-2), top, mode, at_top=True)
         if mode != "zeros" and last and bottom:
@@ -311,17 +321,24 @@ def _overlapped(convolve: Callable[[torch.Tensor, int], torch.Tensor], x: torch.
     ``p`` halo rows at each end, the exchange hidden behind it: the halo of ``x`` (or of ``part``,
     its rows ``embed`` places back into ``x``'s shape) travels while the band is convolved with
     zero rows; then the ``p`` output rows at each end are redone with the neighbours' rows (past
-    the global edges: ``mode``'s), both ends in one call. No padded copy of the band is made."""
+    the global edges: ``mode``'s), both ends in one call. No padded copy of the band is made. At a
+    global edge padded with zeros the rows are right already and are not redone."""
     posted = _current.post_halos(x if part is None else part, p, p)
     out = convolve(x, p)
     above, below = posted.wait()
     if embed is not None:
         above, below = embed(above), embed(below)
     above, below = _current.edges(x, above, below, mode)
-    ends = convolve(torch.cat([torch.cat([above, x[..., : k - 1, :]], dim=-2),
-                               torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)]), 0)
-    b = x.shape[0]
-    out[..., :p, :], out[..., -p:, :] = ends[:b], ends[b:]
+    redo_top, redo_bottom = mode != "zeros" or not _current.first, mode != "zeros" or not _current.last
+    inputs = ([torch.cat([above, x[..., : k - 1, :]], dim=-2)] if redo_top else []) + (
+        [torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)] if redo_bottom else [])
+    if not inputs:
+        return out
+    ends = convolve(torch.cat(inputs), 0).split(x.shape[0])
+    if redo_top:
+        out[..., :p, :] = ends[0]
+    if redo_bottom:
+        out[..., -p:, :] = ends[-1]
     return out
 
 
