@@ -322,7 +322,7 @@ def _overlapped(convolve: Callable[[torch.Tensor, int], torch.Tensor], x: torch.
     its rows ``embed`` places back into ``x``'s shape) travels while the band is convolved with
     zero rows; then the ``p`` output rows at each end are redone with the neighbours' rows (past
     the global edges: ``mode``'s), both ends in one call. No padded copy of the band is made. At a
-    global edge padded with zeros the rows are right already and are not redone."""
+    global edge padded with zeros the band's own convolution got the rows right: they are not redone."""
     posted = _current.post_halos(x if part is None else part, p, p)
     out = convolve(x, p)
     above, below = posted.wait()
@@ -330,15 +330,17 @@ def _overlapped(convolve: Callable[[torch.Tensor, int], torch.Tensor], x: torch.
         above, below = embed(above), embed(below)
     above, below = _current.edges(x, above, below, mode)
     redo_top, redo_bottom = mode != "zeros" or not _current.first, mode != "zeros" or not _current.last
-    inputs = ([torch.cat([above, x[..., : k - 1, :]], dim=-2)] if redo_top else []) + (
-        [torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2)] if redo_bottom else [])
-    if not inputs:
-        return out
-    ends = convolve(torch.cat(inputs), 0).split(x.shape[0])
+    inputs = []
     if redo_top:
-        out[..., :p, :] = ends[0]
+        inputs.append(torch.cat([above, x[..., : k - 1, :]], dim=-2))
     if redo_bottom:
-        out[..., -p:, :] = ends[-1]
+        inputs.append(torch.cat([x[..., x.shape[-2] - k + 1 :, :], below], dim=-2))
+    if inputs:
+        ends = convolve(torch.cat(inputs), 0).split(x.shape[0])
+        if redo_top:
+            out[..., :p, :] = ends[0]
+        if redo_bottom:
+            out[..., -p:, :] = ends[-1]
     return out
 
 
