@@ -73,7 +73,12 @@ class Context:
         self.exchanges += 1
         self.bytes_sent += sent
         self.bytes_overlapped += sent if overlapped else 0
-        return Posted(self.comm.post(sends, recvs), (above, below))
+        return Posted(self._transfer(sends, recvs), (above, below))
+
+    def _transfer(self, sends: list[tuple[int, torch.Tensor]],
+                  recvs: list[tuple[int, torch.Tensor]]) -> Callable[[], None]:
+        """Start the halo transfers (band index, rows); returns their wait."""
+        return self.comm.post(sends, recvs)
 
     def halos(self, x: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`post_halos`, waited for at once."""
